@@ -1,0 +1,351 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StreamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_KIND_UNSPECIFIED: _ClassVar[StreamKind]
+    STDOUT: _ClassVar[StreamKind]
+    STDERR: _ClassVar[StreamKind]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    RUNNING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    KILLED: _ClassVar[JobState]
+
+class RankState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_STATE_UNSPECIFIED: _ClassVar[RankState]
+    RANK_RUNNING: _ClassVar[RankState]
+    RANK_SUCCEEDED: _ClassVar[RankState]
+    RANK_FAILED: _ClassVar[RankState]
+    RANK_TERMINATED: _ClassVar[RankState]
+STREAM_KIND_UNSPECIFIED: StreamKind
+STDOUT: StreamKind
+STDERR: StreamKind
+JOB_STATE_UNSPECIFIED: JobState
+RUNNING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+KILLED: JobState
+RANK_STATE_UNSPECIFIED: RankState
+RANK_RUNNING: RankState
+RANK_SUCCEEDED: RankState
+RANK_FAILED: RankState
+RANK_TERMINATED: RankState
+
+class RankArgs(_message.Message):
+    __slots__ = ("args",)
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    args: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, args: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RankEnv(_message.Message):
+    __slots__ = ("env",)
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    env: _containers.ScalarMap[str, str]
+    def __init__(self, env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout")
+    class RankArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: RankArgs
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[RankArgs, _Mapping]] = ...) -> None: ...
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class RankEnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: RankEnv
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[RankEnv, _Mapping]] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NPROCS_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    RANK_ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    RANK_ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    ROLE_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REDIRECTS_FIELD_NUMBER: _ClassVar[int]
+    TEE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANKS_FILTER_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINE_PREFIX_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_STDOUT_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_STDERR_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KILL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    nprocs: int
+    entrypoint: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    rank_args: _containers.MessageMap[int, RankArgs]
+    env: _containers.ScalarMap[str, str]
+    rank_env: _containers.MessageMap[int, RankEnv]
+    cwd: str
+    role_name: str
+    restart_count: int
+    redirects: str
+    tee: str
+    local_ranks_filter: _containers.RepeatedScalarFieldContainer[int]
+    log_line_prefix_template: str
+    duplicate_stdout_filters: _containers.RepeatedScalarFieldContainer[str]
+    duplicate_stderr_filters: _containers.RepeatedScalarFieldContainer[str]
+    rank_offset: int
+    kill_timeout: float
+    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("job", "created")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job: JobStatus
+    created: bool
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("local_rank", "pid", "exit_code", "signal_name", "message", "error_file", "error_file_data", "traceback", "timestamp", "stderr_tail", "terminated_by_agent", "error_file_problem")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FILE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FILE_DATA_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    STDERR_TAIL_FIELD_NUMBER: _ClassVar[int]
+    TERMINATED_BY_AGENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FILE_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    pid: int
+    exit_code: int
+    signal_name: str
+    message: str
+    error_file: str
+    error_file_data: str
+    traceback: str
+    timestamp: float
+    stderr_tail: _containers.RepeatedScalarFieldContainer[str]
+    terminated_by_agent: bool
+    error_file_problem: str
+    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., message: _Optional[str] = ..., error_file: _Optional[str] = ..., error_file_data: _Optional[str] = ..., traceback: _Optional[str] = ..., timestamp: _Optional[float] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., terminated_by_agent: _Optional[bool] = ..., error_file_problem: _Optional[str] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("local_rank", "pid", "state", "exit_code", "signal_name", "start_time", "end_time", "stdout_path", "stderr_path", "error_file", "rss_bytes", "cpu_seconds", "cpu_percent", "last_output_time", "stdout_bytes", "stderr_bytes", "failure")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    STDERR_PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FILE_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTPUT_TIME_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STDERR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    pid: int
+    state: RankState
+    exit_code: int
+    signal_name: str
+    start_time: float
+    end_time: float
+    stdout_path: str
+    stderr_path: str
+    error_file: str
+    rss_bytes: int
+    cpu_seconds: float
+    cpu_percent: float
+    last_output_time: float
+    stdout_bytes: int
+    stderr_bytes: int
+    failure: Failure
+    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., stdout_path: _Optional[str] = ..., stderr_path: _Optional[str] = ..., error_file: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., last_output_time: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "state", "restart_count", "nprocs", "run_dir", "attempt_dir", "ranks", "failures", "start_time", "end_time", "reason", "spec")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NPROCS_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_DIR_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    restart_count: int
+    nprocs: int
+    run_dir: str
+    attempt_dir: str
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    failures: _containers.RepeatedCompositeFieldContainer[Failure]
+    start_time: float
+    end_time: float
+    reason: str
+    spec: JobSpec
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., restart_count: _Optional[int] = ..., nprocs: _Optional[int] = ..., run_dir: _Optional[str] = ..., attempt_dir: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class PollRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class PollResponse(_message.Message):
+    __slots__ = ("job", "agent_time")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    job: JobStatus
+    agent_time: float
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., agent_time: _Optional[float] = ...) -> None: ...
+
+class Cursor(_message.Message):
+    __slots__ = ("local_rank", "stream", "offset")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    stream: StreamKind
+    offset: int
+    def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("job_id", "ranks", "streams", "contains", "regex", "follow", "resume", "restart_count")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINS_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    streams: _containers.RepeatedScalarFieldContainer[StreamKind]
+    contains: str
+    regex: str
+    follow: bool
+    resume: _containers.RepeatedCompositeFieldContainer[Cursor]
+    restart_count: int
+    def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("local_rank", "stream", "offset", "text", "prefix", "partial")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    stream: StreamKind
+    offset: int
+    text: str
+    prefix: str
+    partial: bool
+    def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ..., text: _Optional[str] = ..., prefix: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("lines", "end", "job", "restart_count")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    end: bool
+    job: JobStatus
+    restart_count: int
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ..., end: _Optional[bool] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
+class KillRequest(_message.Message):
+    __slots__ = ("job_id", "signal", "timeout", "no_escalate")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    NO_ESCALATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    signal: str
+    timeout: float
+    no_escalate: bool
+    def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[str] = ..., timeout: _Optional[float] = ..., no_escalate: _Optional[bool] = ...) -> None: ...
+
+class KillResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobStatus
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("hostname", "version", "agent_time", "pid", "log_dir", "free_port")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIR_FIELD_NUMBER: _ClassVar[int]
+    FREE_PORT_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    version: str
+    agent_time: float
+    pid: int
+    log_dir: str
+    free_port: int
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ...) -> None: ...
