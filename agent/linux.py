@@ -1,0 +1,135 @@
+"""The few Linux facilities the agent needs and Python's stdlib lacks: inotify, the child
+subreaper flag, and a one-pass scan of the process table."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "IN_CLOSE_WRITE",
+    "IN_CREATE",
+    "IN_MODIFY",
+    "Inotify",
+    "ProcTable",
+    "set_child_subreaper",
+]
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_CREATE = 0x00000100
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_PR_SET_CHILD_SUBREAPER = 36
+_EVENT = struct.Struct("iIII")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def set_child_subreaper() -> None:
+    """Make this process the reaper of every orphaned descendant (prctl
+    PR_SET_CHILD_SUBREAPER), so a rank's grandchildren that lose their parent stay
+    within reach of the agent instead of moving to init."""
+    _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class Inotify:
+    """A non-blocking inotify instance; `fileno()` is readable when events are queued."""
+
+    def __init__(self) -> None:
+        self._fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def add_watch(self, path: str, mask: int) -> int:
+        return _check(
+            _libc.inotify_add_watch(self._fd, os.fsencode(path), mask), "inotify_add_watch"
+        )
+
+    def rm_watch(self, wd: int) -> None:
+        # EINVAL when the watch is already gone (directory deleted): nothing to do.
+        _libc.inotify_rm_watch(self._fd, wd)
+
+    def read(self) -> Iterator[tuple[int, int, str]]:
+        """Queued events as (watch descriptor, mask, name); empty when none are queued."""
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        pos = 0
+        while pos < len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+            pos += _EVENT.size
+            name = data[pos : pos + length].rstrip(b"\0").decode(errors="replace")
+            pos += length
+            yield wd, mask, name
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+
+
+class ProcTable:
+    """One snapshot of /proc: parent links, for finding every descendant of a process
+    (also those that left its process group or session) in a single pass."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, ProcInfo] = {}
+        self.children: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:  # exited between listing and reading
+                continue
+            # The command name may hold spaces and parentheses: split after the last ')'.
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            info = ProcInfo(int(entry.name), int(fields[1]), int(fields[2]))
+            self.procs[info.pid] = info
+            self.children.setdefault(info.ppid, []).append(info.pid)
+
+    def descendants(self, pid: int) -> list[int]:
+        """Every process below `pid`, excluding `pid` itself."""
+        found: list[int] = []
+        stack = list(self.children.get(pid, ()))
+        while stack:
+            child = stack.pop()
+            found.append(child)
+            stack.extend(self.children.get(child, ()))
+        return found
+
+
+def read_environ_marker(pid: int, key: bytes) -> bytes | None:
+    """The value of one environment variable of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    prefix = key + b"="
+    for item in data.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix) :]
+    return None

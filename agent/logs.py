@@ -1,0 +1,272 @@
+"""Log files of an attempt and the readers that turn them into lines.
+
+Workers write straight into `<attempt>/<rank>/{stdout,stderr}.log`; the agent never sits
+between a worker and its file. Readers follow the files with inotify (no sleep loop):
+the watcher fires the attempt's `Pulse` on every write, readers read from their own
+offsets, so a slow reader never slows a worker or another reader, and memory per reader
+is bounded by one read chunk plus one partial line.
+
+A line's cursor is the byte offset just after it in its file; resuming from a cursor
+yields each later line exactly once. A line longer than `MAX_LINE` bytes is cut into
+`MAX_LINE` chunks marked partial. A last line without a newline is sent, partial, once
+the attempt has ended (torch's TailLog and Ray both lost such last lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent.linux import IN_CLOSE_WRITE, IN_MODIFY, Inotify
+
+__all__ = [
+    "MAX_LINE",
+    "STDERR",
+    "STDOUT",
+    "STREAM_FILES",
+    "AttemptLogs",
+    "LogLine",
+    "LogReader",
+    "LogWatcher",
+    "Pulse",
+]
+
+STDOUT = 1
+STDERR = 2
+STREAM_FILES = {STDOUT: "stdout.log", STDERR: "stderr.log"}
+_FILE_STREAMS = {name: kind for kind, name in STREAM_FILES.items()}
+MAX_LINE = 64 * 1024
+READ_CHUNK = 256 * 1024
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+class Pulse:
+    """Wakes every waiter at once; waiters take `future()` *before* checking for work,
+    so a fire between the check and the wait is never missed."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def future(self) -> asyncio.Future[None]:
+        if self._future is None or self._future.done():
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
+
+    def fire(self) -> None:
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    local_rank: int
+    stream: int
+    offset: int  # byte offset just after the line: the resume cursor
+    text: str
+    partial: bool = False
+
+
+@dataclass
+class AttemptLogs:
+    """The files of one attempt and what readers need to follow them."""
+
+    attempt_dir: str
+    nprocs: int
+    prefixes: list[str]
+    pulse: Pulse = field(default_factory=Pulse)
+    last_output: dict[int, float] = field(default_factory=dict)
+    ended: bool = False  # set once no process of the attempt can write any more
+
+    def rank_dir(self, local_rank: int) -> str:
+        return os.path.join(self.attempt_dir, str(local_rank))
+
+    def path(self, local_rank: int, stream: int) -> str:
+        return os.path.join(self.attempt_dir, str(local_rank), STREAM_FILES[stream])
+
+    def error_file(self, local_rank: int) -> str:
+        return os.path.join(self.attempt_dir, str(local_rank), "error.json")
+
+    def mark_ended(self) -> None:
+        self.ended = True
+        self.pulse.fire()
+
+
+class _FileCursor:
+    """Reading state of one (rank, stream) file."""
+
+    __slots__ = ("buf", "fd", "key", "path", "pos")
+
+    def __init__(self, key: tuple[int, int], path: str, offset: int) -> None:
+        self.key = key
+        self.path = path
+        self.pos = offset  # next byte to read
+        self.buf = b""  # bytes read after the last complete line
+        self.fd = -1
+
+    def open(self) -> bool:
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read(self, budget: int, out: list[LogLine]) -> int:
+        """Append complete lines (and cut chunks of over-long ones) to `out`; return bytes read."""
+        if not self.open():
+            return 0
+        data = os.pread(self.fd, min(budget, READ_CHUNK), self.pos)
+        if not data:
+            return 0
+        self.pos += len(data)
+        buf = self.buf + data if self.buf else data
+        offset = self.pos - len(buf)
+        rank, stream = self.key
+        *complete, tail = buf.split(b"\n")
+        for raw in complete:
+            while len(raw) > MAX_LINE:
+                offset += MAX_LINE
+                out.append(LogLine(rank, stream, offset, _decode(raw[:MAX_LINE]), True))
+                raw = raw[MAX_LINE:]
+            offset += len(raw) + 1
+            out.append(LogLine(rank, stream, offset, _decode(raw)))
+        while len(tail) >= MAX_LINE:
+            offset += MAX_LINE
+            out.append(LogLine(rank, stream, offset, _decode(tail[:MAX_LINE]), True))
+            tail = tail[MAX_LINE:]
+        self.buf = tail
+        return len(data)
+
+    def flush(self, out: list[LogLine]) -> None:
+        """Emit the last line that has no newline (the writer is gone)."""
+        if self.buf:
+            out.append(LogLine(self.key[0], self.key[1], self.pos, _decode(self.buf), True))
+            self.buf = b""
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+class LogReader:
+    """Batches of lines from some files of one attempt.
+
+    `follow=False`: what exists now, then stop. `follow=True`: until the attempt has
+    ended and every file was read to its end (the last partial lines included)."""
+
+    def __init__(
+        self,
+        logs: AttemptLogs,
+        keys: Iterable[tuple[int, int]],
+        *,
+        cursors: dict[tuple[int, int], int] | None = None,
+        follow: bool = False,
+        line_filter: Callable[[str], bool] | None = None,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+    ) -> None:
+        cursors = cursors or {}
+        self._logs = logs
+        self._files = [_FileCursor(k, logs.path(*k), cursors.get(k, 0)) for k in keys]
+        self._follow = follow
+        self._filter = line_filter
+        self._max_batch = max_batch_bytes
+        self._next = 0  # round-robin start, so one busy file cannot starve the others
+
+    def _read_round(self) -> tuple[list[LogLine], int]:
+        lines: list[LogLine] = []
+        budget = self._max_batch
+        count = len(self._files)
+        progress = True
+        while budget > 0 and progress:
+            progress = False
+            for i in range(count):
+                cursor = self._files[(self._next + i) % count]
+                got = cursor.read(min(budget, READ_CHUNK), lines)
+                budget -= got
+                progress = progress or got > 0
+                if budget <= 0:
+                    break
+            self._next = (self._next + 1) % max(count, 1)
+        return self._filtered(lines), self._max_batch - budget
+
+    def _filtered(self, lines: list[LogLine]) -> list[LogLine]:
+        keep = self._filter
+        return lines if keep is None else [line for line in lines if keep(line.text)]
+
+    async def batches(self) -> AsyncIterator[list[LogLine]]:
+        try:
+            while True:
+                wake = self._logs.pulse.future()
+                ended = self._logs.ended  # read before the files: what it promises is on disk
+                batch, nbytes = self._read_round()
+                if batch:
+                    yield batch
+                if nbytes:
+                    continue
+                if ended or not self._follow:
+                    if ended:
+                        tail: list[LogLine] = []
+                        for cursor in self._files:
+                            cursor.flush(tail)
+                        tail = self._filtered(tail)
+                        if tail:
+                            yield tail
+                    return
+                await wake
+        finally:
+            for cursor in self._files:
+                cursor.close()
+
+
+class LogWatcher:
+    """One inotify instance for the agent: marks when each rank last wrote and wakes the
+    readers of its attempt. Costs nothing while no rank writes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._inotify = Inotify()
+        self._watches: dict[int, tuple[AttemptLogs, int]] = {}
+        self._by_attempt: dict[int, list[int]] = {}
+        loop.add_reader(self._inotify.fileno(), self._on_events)
+
+    def watch(self, logs: AttemptLogs) -> None:
+        wds = []
+        for rank in range(logs.nprocs):
+            wd = self._inotify.add_watch(logs.rank_dir(rank), IN_MODIFY | IN_CLOSE_WRITE)
+            self._watches[wd] = (logs, rank)
+            wds.append(wd)
+        self._by_attempt[id(logs)] = wds
+
+    def unwatch(self, logs: AttemptLogs) -> None:
+        for wd in self._by_attempt.pop(id(logs), ()):
+            self._watches.pop(wd, None)
+            self._inotify.rm_watch(wd)
+
+    def _on_events(self) -> None:
+        now = time.time()
+        woken: set[int] = set()
+        for wd, mask, name in self._inotify.read():
+            target = self._watches.get(wd)
+            if target is None or name not in _FILE_STREAMS:
+                continue
+            logs, rank = target
+            if mask & IN_MODIFY:
+                logs.last_output[rank] = now
+            if id(logs) not in woken:
+                woken.add(id(logs))
+                logs.pulse.fire()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._inotify.fileno())
+        self._inotify.close()

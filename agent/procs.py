@@ -1,0 +1,203 @@
+"""Starting, watching and killing rank processes.
+
+Each rank runs in its own session (so its process group is its own); it carries an
+environment marker naming its job attempt, so that descendants which left the group,
+the session or their parent can still be found and killed with the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import psutil
+
+from agent.linux import ProcTable, read_environ_marker
+
+__all__ = [
+    "MARKER_ENV",
+    "ExitWatch",
+    "Usage",
+    "UsageSampler",
+    "agent_children",
+    "attempt_processes",
+    "reap_orphans",
+    "send_signal",
+    "spawn",
+]
+
+logger = logging.getLogger(__name__)
+
+MARKER_ENV = "RANKD_ATTEMPT"
+
+
+def spawn(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    stdout_path: str,
+    stderr_path: str,
+) -> subprocess.Popen[bytes]:
+    """Start one rank in a new session, its output appended straight to its files."""
+    with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=dict(env),
+            cwd=cwd or None,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+class ExitWatch:
+    """Calls `on_exit(exit_code, exit_time)` once, the moment the process exits (pidfd
+    readable), after reaping it. exit_code is negative -N for death by signal N."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        popen: subprocess.Popen[bytes],
+        on_exit: Callable[[int, float], None],
+    ) -> None:
+        self._loop = loop
+        self._popen = popen
+        self._on_exit = on_exit
+        # The pid cannot be reused before we reap it, so the pidfd names our child.
+        self._fd = os.pidfd_open(popen.pid)
+        loop.add_reader(self._fd, self._ready)
+
+    def _ready(self) -> None:
+        exit_time = time.time()
+        try:
+            pid, status = os.waitpid(self._popen.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: the exit status is lost
+            pid, status = self._popen.pid, 255 << 8
+        if pid == 0:
+            return  # spurious wake-up
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        code = os.waitstatus_to_exitcode(status)
+        self._popen.returncode = code  # so Popen does not wait or warn later
+        self._on_exit(code, exit_time)
+
+
+def send_signal(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
+    """Signal process groups and single processes; the gone ones are ignored."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def agent_children() -> set[int]:
+    """Direct children of this process (cheap: /proc/self/task/*/children)."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                found.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def attempt_processes(rank_pids: Iterable[int], marker: str) -> set[int]:
+    """Every process of an attempt but its ranks: the ranks' descendants (also those in
+    other sessions), and the agent's children that carry the attempt's marker (orphans
+    adopted by the agent as subreaper) with all of their descendants."""
+    ranks = set(rank_pids)
+    mark = marker.encode()
+    adopted = [
+        pid
+        for pid in agent_children()
+        if pid not in ranks and read_environ_marker(pid, MARKER_ENV.encode()) == mark
+    ]
+    live_ranks = [pid for pid in ranks if os.path.exists(f"/proc/{pid}")]
+    if not adopted and not live_ranks:
+        return set()
+    table = ProcTable()
+    found: set[int] = set(adopted)
+    for root in (*live_ranks, *adopted):
+        found.update(table.descendants(root))
+    return found - ranks
+
+
+def reap_orphans(ours: set[int]) -> None:
+    """Reap exited children that are not ranks (orphans adopted as subreaper). Peeks
+    with WNOWAIT so a rank's exit status is left for its own `ExitWatch`."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in ours:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, os.WNOHANG)
+
+
+class Usage:
+    __slots__ = ("cpu_percent", "cpu_seconds", "rss")
+
+    def __init__(self, rss: int = 0, cpu_seconds: float = 0.0, cpu_percent: float = 0.0) -> None:
+        self.rss = rss
+        self.cpu_seconds = cpu_seconds
+        self.cpu_percent = cpu_percent
+
+
+class UsageSampler:
+    """RSS and CPU of live ranks via psutil, sampled at most once per `max_age` seconds so
+    that Poll answers from memory."""
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self._max_age = max_age
+        self._procs: dict[int, psutil.Process] = {}
+        self._usage: dict[int, Usage] = {}
+        self._taken = 0.0
+
+    def usage(self, live_pids: Iterable[int]) -> dict[int, Usage]:
+        pids = set(live_pids)
+        now = time.monotonic()
+        if now - self._taken >= self._max_age or not pids <= self._usage.keys():
+            self._sample(pids)
+            self._taken = now
+        return self._usage
+
+    def _sample(self, pids: set[int]) -> None:
+        for gone in self._procs.keys() - pids:
+            self._procs.pop(gone, None)
+        usage: dict[int, Usage] = {}
+        for pid in pids:
+            try:
+                proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    usage[pid] = Usage(
+                        proc.memory_info().rss,
+                        times.user + times.system,
+                        proc.cpu_percent(interval=None),
+                    )
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                usage[pid] = Usage()
+        self._usage = usage
+
+
+def kill_quietly(pids: Iterable[int]) -> None:
+    """SIGKILL single processes, ignoring those already gone."""
+    send_signal((), pids, signal.SIGKILL)

@@ -1,0 +1,195 @@
+"""`rankd-agent`: build the gRPC server (`create_server`) apart from running it (`main`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from agent import __version__
+from agent.errors import RankdError
+from agent.service import NodeAgentService
+from agent.specs import Limits
+from agent.supervisor import Supervisor
+from protos.rankd.v1 import agent_pb2, agent_pb2_grpc
+
+__all__ = ["DEFAULT_PORT", "create_server", "default_log_dir", "main", "stop_server"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500 + 100  # 29600: beside torchrun's 29500 rendezvous default
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def default_log_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "rankd", "logs")
+
+
+async def create_server(
+    address: str = "127.0.0.1:0",
+    *,
+    supervisor: Supervisor | None = None,
+    log_dir: str | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """A started server bound to `address` (port 0 = any free port) and its port.
+
+    Serves `supervisor` (or a new one over `log_dir`). Stop with `stop_server`, which
+    also kills the supervisor's jobs."""
+    if supervisor is None:
+        supervisor = Supervisor(log_dir or default_log_dir())
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(supervisor), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RankdError(f"cannot listen on {address}: address in use or not available")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    _SUPERVISORS[id(server)] = supervisor
+    return server, port
+
+
+_SUPERVISORS: dict[int, Supervisor] = {}
+
+
+async def stop_server(server: grpc.aio.Server, *, timeout: float = 10.0) -> None:
+    """Kill every job of the server's supervisor (SIGTERM, SIGKILL after `timeout`), then
+    stop the server."""
+    supervisor = _SUPERVISORS.pop(id(server), None)
+    if supervisor is not None:
+        await supervisor.close(timeout)
+    await server.stop(grace=1.0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankd-agent",
+        description=(
+            "The rankd node agent: a gRPC server (rankd.v1.NodeAgent) that starts, watches, "
+            "streams and kills the local ranks of distributed jobs on this node. "
+            "Run one per node. Its first stdout line is 'listening on HOST:PORT'."
+        ),
+        epilog="Example: rankd-agent --port 29600 --log-dir /var/log/rankd",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port to bind; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="where jobs' logs go (default: $XDG_STATE_HOME/rankd/logs or "
+        "~/.local/state/rankd/logs)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the agent's own log level (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/SIGINT, seconds to wait after SIGTERM to the ranks before SIGKILL "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-jobs", type=int, default=1000, help="jobs held at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-nprocs",
+        type=int,
+        default=Limits.max_nprocs,
+        help="ranks per job (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-running-ranks",
+        type=int,
+        default=4096,
+        help="ranks running at once over all jobs (default: %(default)s)",
+    )
+    parser.add_argument("--version", action="version", version=f"rankd-agent {__version__}")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    log_dir = args.log_dir or default_log_dir()
+    supervisor = Supervisor(
+        log_dir,
+        limits=Limits(max_nprocs=args.max_nprocs),
+        base_env=_worker_env(),
+        subreaper=True,
+        max_jobs=args.max_jobs,
+        max_running_ranks=args.max_running_ranks,
+    )
+    host = args.host
+    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    server, port = await create_server(address, supervisor=supervisor)
+    print(f"listening on {host}:{port}", flush=True)
+    logger.info("rankd-agent %s serving on %s:%d, logs in %s", __version__, host, port, log_dir)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down: stopping every job")
+    await stop_server(server, timeout=args.shutdown_timeout)
+    logger.info("stopped")
+    return 0
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment ranks inherit: the agent's, minus the agent's own settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RANKD_")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_serve(args))
+    except RankdError as err:
+        print(f"rankd-agent: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"rankd-agent: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

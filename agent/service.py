@@ -1,0 +1,223 @@
+"""The gRPC servicer: a thin adapter from `rankd.v1.NodeAgent` to the `Supervisor`.
+
+Every error becomes a status code with a message a person can act on, in one place
+(`_status_of`); nothing reaches a client as UNKNOWN with a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from agent import __version__
+from agent.convert import job_status, spec_from_pb
+from agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    JobNotFound,
+    LimitExceeded,
+    RankdError,
+    SpecError,
+)
+from agent.logs import STDERR, STDOUT, LogReader
+from agent.specs import parse_signal, validate_job_id
+from agent.supervisor import Attempt, Supervisor
+from protos.rankd.v1 import agent_pb2 as pb
+from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
+
+__all__ = ["NodeAgentService"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_REGEX = 1024
+_MAX_KILL_TIMEOUT = 3600.0
+
+_CODES: list[tuple[type[RankdError], grpc.StatusCode]] = [
+    (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code, str(err)
+    logger.exception("internal error", exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"internal agent error ({type(err).__name__}); see agent log"
+
+
+def _unary(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Exception as err:
+            code, message = _status_of(err)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class NodeAgentService(pb_grpc.NodeAgentServicer):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    def _job(self, job_id: str) -> Any:
+        validate_job_id(job_id)
+        return self._sup.job(job_id)
+
+    @_unary
+    async def Start(
+        self, request: pb.StartRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartResponse:
+        if not request.HasField("spec"):
+            raise SpecError("StartRequest.spec is missing")
+        job, created = await self._sup.start(spec_from_pb(request.spec))
+        return pb.StartResponse(job=job_status(job), created=created)
+
+    @_unary
+    async def Poll(
+        self, request: pb.PollRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PollResponse:
+        job = self._job(request.job_id)
+        attempt = job.current
+        usage = self._sup.usage.usage(r.pid for r in attempt.ranks if r.alive)
+        return pb.PollResponse(job=job_status(job, attempt, usage), agent_time=time.time())
+
+    @_unary
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
+        return pb.ListResponse(jobs=[job_status(job) for job in self._sup.jobs()])
+
+    @_unary
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            hostname=socket.gethostname(),
+            version=__version__,
+            agent_time=time.time(),
+            pid=os.getpid(),
+            log_dir=self._sup.log_dir,
+            free_port=_free_port(),
+        )
+
+    @_unary
+    async def Kill(
+        self, request: pb.KillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KillResponse:
+        job = self._job(request.job_id)
+        sig = parse_signal(request.signal)
+        timeout = request.timeout if request.HasField("timeout") else 30.0
+        if not (math.isfinite(timeout) and 0 <= timeout <= _MAX_KILL_TIMEOUT):
+            raise SpecError(f"timeout must be between 0 and {_MAX_KILL_TIMEOUT:g} seconds")
+        attempt = await self._sup.kill(
+            request.job_id, sig, timeout, escalate=not request.no_escalate
+        )
+        return pb.KillResponse(job=job_status(job, attempt))
+
+    async def Stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        try:
+            attempt, reader = self._open_stream(request)
+        except Exception as err:
+            code, message = _status_of(err)
+            await context.abort(code, message)
+            return
+        prefixes = attempt.logs.prefixes
+        count = attempt.restart_count
+        line = pb.LogLine
+        async for batch in reader.batches():
+            yield pb.StreamResponse(
+                lines=[
+                    line(
+                        local_rank=ln.local_rank,
+                        stream=ln.stream,  # type: ignore[arg-type]
+                        offset=ln.offset,
+                        text=ln.text,
+                        prefix=prefixes[ln.local_rank],
+                        partial=ln.partial,
+                    )
+                    for ln in batch
+                ],
+                restart_count=count,
+            )
+        if attempt.ended:
+            job = self._sup.job(request.job_id)
+            yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
+
+    def _open_stream(self, request: pb.StreamRequest) -> tuple[Attempt, LogReader]:
+        job = self._job(request.job_id)
+        attempt = job.attempt(request.restart_count if request.HasField("restart_count") else None)
+        nprocs = attempt.spec.nprocs
+        ranks = (
+            list(request.ranks) or sorted(attempt.spec.local_ranks_filter) or list(range(nprocs))
+        )
+        bad = sorted({r for r in ranks if not 0 <= r < nprocs})
+        if bad:
+            raise SpecError(f"ranks {bad} out of range: the job has local ranks 0-{nprocs - 1}")
+        streams: list[int] = list(request.streams) or [STDOUT, STDERR]
+        if any(s not in (STDOUT, STDERR) for s in streams):
+            raise SpecError("streams must be STDOUT or STDERR")
+        cursors: dict[tuple[int, int], int] = {}
+        for cursor in request.resume:
+            if not 0 <= cursor.local_rank < nprocs or cursor.stream not in (STDOUT, STDERR):
+                raise SpecError(
+                    f"resume cursor for rank {cursor.local_rank} stream {cursor.stream} "
+                    "does not name a file of this job"
+                )
+            if cursor.offset < 0:
+                raise SpecError(f"resume offset must be >= 0, got {cursor.offset}")
+            cursors[(cursor.local_rank, cursor.stream)] = cursor.offset
+        line_filter = _line_filter(request.contains, request.regex)
+        keys = [(r, s) for r in dict.fromkeys(ranks) for s in dict.fromkeys(streams)]
+        reader = LogReader(
+            attempt.logs, keys, cursors=cursors, follow=request.follow, line_filter=line_filter
+        )
+        return attempt, reader
+
+
+def _line_filter(contains: str, regex: str) -> Callable[[str], bool] | None:
+    if len(regex) > _MAX_REGEX or len(contains) > _MAX_REGEX:
+        raise SpecError(f"filters are limited to {_MAX_REGEX} characters")
+    pattern = None
+    if regex:
+        try:
+            pattern = re.compile(regex)
+        except re.error as err:
+            raise SpecError(f"invalid regex {regex!r}: {err}") from None
+    if pattern is None and not contains:
+        return None
+    if pattern is None:
+        return lambda text: contains in text
+    search = pattern.search
+    if not contains:
+        return lambda text: search(text) is not None
+    return lambda text: contains in text and search(text) is not None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,550 @@
+"""The node's worker groups: start a job's local ranks, watch them, stop them.
+
+Behaves as torch's `SubprocessContext` with `DefaultLogsSpecs` and `TailLog`, on one
+asyncio loop and without sleep loops: a rank's exit is seen through its pidfd the moment
+it happens, output through inotify. All-or-nothing: the first rank that fails on its
+own makes the agent terminate the others (SIGTERM, SIGKILL after the spec's
+kill_timeout); those are marked `terminated_by_agent` and never taken for a root cause.
+
+This module never imports grpc: the service adapts it to the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TextIO
+
+from agent import procs
+from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, SpecError
+from agent.failures import Failure, read_failure
+from agent.linux import set_child_subreaper
+from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
+from agent.specs import JobSpec, Limits, Std, validate_job_id
+
+__all__ = ["Attempt", "Job", "JobState", "Rank", "RankState", "Supervisor"]
+
+logger = logging.getLogger(__name__)
+
+# After SIGKILL a rank normally dies within milliseconds; one stuck in uninterruptible
+# sleep (D state) may not, and must not wedge the caller.
+SIGKILL_WAIT = 5.0
+
+
+class JobState(Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+class RankState(Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TERMINATED = "TERMINATED"
+
+
+@dataclass
+class Rank:
+    local_rank: int
+    pid: int
+    start_time: float
+    stdout_path: str
+    stderr_path: str
+    error_file: str
+    exited: asyncio.Future[int]
+    end_time: float = 0.0
+    exit_code: int | None = None
+    state: RankState = RankState.RUNNING
+    failure: Failure | None = None
+    terminated_by_agent: bool = False
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.exit_code is None
+
+
+@dataclass
+class Attempt:
+    """One attempt (restart_count) of a job on this node."""
+
+    spec: JobSpec
+    logs: AttemptLogs
+    ranks: list[Rank] = field(default_factory=list)
+    state: JobState = JobState.RUNNING
+    reason: str = ""
+    start_time: float = 0.0
+    end_time: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    mirrors: list[asyncio.Task[None]] = field(default_factory=list)
+    terminating: asyncio.Task[None] | None = None
+
+    @property
+    def restart_count(self) -> int:
+        return self.spec.restart_count
+
+    @property
+    def ended(self) -> bool:
+        return self.done.is_set()
+
+    @property
+    def marker(self) -> str:
+        return f"{self.spec.job_id}/{self.spec.restart_count}/{id(self):x}"
+
+    def failures(self) -> list[Failure]:
+        """Every failure, the root cause first (earliest that was not caused by the
+        agent), then by time."""
+        found = [r.failure for r in self.ranks if r.failure is not None]
+        return sorted(found, key=lambda f: (f.terminated_by_agent, f.timestamp))
+
+    async def drained(self) -> None:
+        """Wait until the attempt ended and its console/filter mirrors wrote every line."""
+        await self.done.wait()
+        if self.mirrors:
+            await asyncio.gather(*self.mirrors, return_exceptions=True)
+
+
+@dataclass
+class Job:
+    job_id: str
+    run_dir: str
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def current(self) -> Attempt:
+        return self.attempts[-1]
+
+    def attempt(self, restart_count: int | None) -> Attempt:
+        if restart_count is None:
+            return self.current
+        for attempt in self.attempts:
+            if attempt.restart_count == restart_count:
+                return attempt
+        have = ", ".join(str(a.restart_count) for a in self.attempts)
+        raise JobNotFound(f"job {self.job_id!r} has no attempt {restart_count} (has: {have})")
+
+
+class Supervisor:
+    """Holds every job of the node. Call from one asyncio loop.
+
+    `base_env` is the environment ranks inherit (the agent's, minus its secrets);
+    `console` receives the tee'd lines; `subreaper=True` (for the agent process, not
+    for library use inside a process that runs other children) adopts and reaps orphaned
+    descendants so that nothing a rank started escapes the job.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        limits: Limits | None = None,
+        base_env: Mapping[str, str] | None = None,
+        console_out: TextIO | None = None,
+        console_err: TextIO | None = None,
+        subreaper: bool = False,
+        max_jobs: int = 1000,
+        max_running_ranks: int = 4096,
+    ) -> None:
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_dir = os.path.abspath(log_dir)
+        self.limits = limits or Limits()
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._out = console_out or sys.stdout
+        self._err = console_err or sys.stderr
+        self._subreaper = subreaper
+        self._max_jobs = max_jobs
+        self._max_running_ranks = max_running_ranks
+        self._jobs: dict[str, Job] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: LogWatcher | None = None
+        self._rank_pids: set[int] = set()
+        self._start_lock = asyncio.Lock()
+        self.usage = procs.UsageSampler()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._watcher = LogWatcher(self._loop)
+            if self._subreaper:
+                set_child_subreaper()
+                self._loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+        return self._loop
+
+    def _reap_orphans(self) -> None:
+        procs.reap_orphans(self._rank_pids)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Kill every running job (SIGTERM, SIGKILL after `timeout`) and release the
+        watchers. Returns within about `timeout` + SIGKILL_WAIT seconds."""
+        running = [j.job_id for j in self._jobs.values() if not j.current.ended]
+        await asyncio.gather(
+            *(
+                self.kill(job_id, signal.SIGTERM, timeout, reason="agent shutting down")
+                for job_id in running
+            ),
+            return_exceptions=True,
+        )
+        for job in self._jobs.values():
+            for task in job.current.mirrors:
+                task.cancel()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        if self._loop is not None and self._subreaper:
+            self._loop.remove_signal_handler(signal.SIGCHLD)
+
+    # -- queries -------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} on this agent")
+        return job
+
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    async def wait(self, job_id: str) -> Attempt:
+        """Wait for the current attempt to end and its mirrors to drain."""
+        attempt = self.job(job_id).current
+        await attempt.drained()
+        return attempt
+
+    # -- start -----------------------------------------------------------------------
+
+    async def start(self, spec: JobSpec) -> tuple[Job, bool]:
+        """Start an attempt. Idempotent: the same spec returns the job and False.
+        Raises SpecError (nothing started), AlreadyExists, LimitExceeded."""
+        loop = self._ensure_loop()
+        validate_job_id(spec.job_id)
+        spec = spec.validate(self.limits)
+        async with self._start_lock:
+            job = self._jobs.get(spec.job_id)
+            if job is not None:
+                current = job.current
+                if spec.restart_count == current.restart_count:
+                    if spec.same_job_as(current.spec):
+                        return job, False
+                    raise AlreadyExists(
+                        f"job {spec.job_id!r} attempt {spec.restart_count} already exists with "
+                        "a different spec; pick another job id or kill it and start the next "
+                        "attempt (restart_count + 1)"
+                    )
+                if spec.restart_count < current.restart_count:
+                    raise AlreadyExists(
+                        f"job {spec.job_id!r} is already at attempt {current.restart_count}; "
+                        f"attempt {spec.restart_count} cannot run again"
+                    )
+                if not current.ended:
+                    raise AlreadyExists(
+                        f"job {spec.job_id!r} attempt {current.restart_count} is still running; "
+                        "kill it before starting the next attempt"
+                    )
+            elif len(self._jobs) >= self._max_jobs:
+                raise LimitExceeded(
+                    f"this agent holds {len(self._jobs)} jobs, its limit; "
+                    "restart it with a higher --max-jobs"
+                )
+            running = sum(len([r for r in a.ranks if r.alive]) for a in self._current_attempts())
+            if running + spec.nprocs > self._max_running_ranks:
+                raise LimitExceeded(
+                    f"starting {spec.nprocs} ranks would exceed this agent's limit of "
+                    f"{self._max_running_ranks} running ranks ({running} running)"
+                )
+            attempt = self._launch(loop, job, spec)
+            if job is None:
+                job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
+                self._jobs[spec.job_id] = job
+            job.attempts.append(attempt)
+            return job, True
+
+    def _current_attempts(self) -> list[Attempt]:
+        return [j.current for j in self._jobs.values()]
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, job: Job | None, spec: JobSpec) -> Attempt:
+        new_run_dir = job is None
+        run_dir = (
+            tempfile.mkdtemp(prefix=f"{spec.job_id}_", dir=self.log_dir)
+            if job is None
+            else job.run_dir
+        )
+        attempt_dir = os.path.join(run_dir, f"attempt_{spec.restart_count}")
+        try:
+            os.mkdir(attempt_dir)  # never reuse (torch rmtree's it; we keep every attempt)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"log directory {attempt_dir} exists already; attempts are never overwritten"
+            ) from None
+        logs = AttemptLogs(attempt_dir, spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)])
+        attempt = Attempt(spec=spec, logs=logs, start_time=time.time())
+        try:
+            for rank in range(spec.nprocs):
+                os.mkdir(logs.rank_dir(rank))
+                for stream in (STDOUT, STDERR):
+                    open(logs.path(rank, stream), "ab").close()
+            assert self._watcher is not None
+            self._watcher.watch(logs)
+            for rank in range(spec.nprocs):
+                attempt.ranks.append(self._spawn_rank(loop, attempt, rank))
+        except OSError as err:
+            self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
+            raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
+        for rank_obj in attempt.ranks:
+            self._watch_exit(loop, attempt, rank_obj)
+        self._start_mirrors(attempt)
+        logger.info(
+            "job %s attempt %d started: %d ranks of %s, logs in %s",
+            spec.job_id,
+            spec.restart_count,
+            spec.nprocs,
+            spec.entrypoint,
+            attempt_dir,
+        )
+        return attempt
+
+    def _undo_launch(self, attempt: Attempt, remove_dir: str) -> None:
+        """A launch failed half-way (exec error): leave nothing behind."""
+        for rank in attempt.ranks:
+            procs.send_signal([rank.pid], [], signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(rank.pid, 0)
+            self._rank_pids.discard(rank.pid)
+        if self._watcher is not None:
+            self._watcher.unwatch(attempt.logs)
+        shutil.rmtree(remove_dir, ignore_errors=True)
+
+    def _rank_env(
+        self, spec: JobSpec, local_rank: int, error_file: str, marker: str
+    ) -> dict[str, str]:
+        env = dict(self._base_env)
+        env.update(spec.env)
+        env.update(spec.rank_env.get(local_rank, {}))
+        env["LOCAL_RANK"] = str(local_rank)
+        env["TORCHELASTIC_ERROR_FILE"] = error_file
+        env[procs.MARKER_ENV] = marker
+        return env
+
+    def _spawn_rank(
+        self, loop: asyncio.AbstractEventLoop, attempt: Attempt, local_rank: int
+    ) -> Rank:
+        spec, logs = attempt.spec, attempt.logs
+        error_file = logs.error_file(local_rank)
+        popen = procs.spawn(
+            spec.argv(local_rank),
+            env=self._rank_env(spec, local_rank, error_file, attempt.marker),
+            cwd=spec.cwd,
+            stdout_path=logs.path(local_rank, STDOUT),
+            stderr_path=logs.path(local_rank, STDERR),
+        )
+        self._rank_pids.add(popen.pid)
+        rank = Rank(
+            local_rank=local_rank,
+            pid=popen.pid,
+            start_time=time.time(),
+            stdout_path=logs.path(local_rank, STDOUT),
+            stderr_path=logs.path(local_rank, STDERR),
+            error_file=error_file,
+            exited=loop.create_future(),
+            popen=popen,
+        )
+        return rank
+
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop, attempt: Attempt, rank: Rank) -> None:
+        assert rank.popen is not None
+        procs.ExitWatch(loop, rank.popen, lambda code, t: self._on_exit(attempt, rank, code, t))
+
+    # -- exits and the failure policy ------------------------------------------------------
+
+    def _on_exit(self, attempt: Attempt, rank: Rank, code: int, exit_time: float) -> None:
+        self._rank_pids.discard(rank.pid)
+        rank.exit_code = code
+        rank.end_time = exit_time
+        if code == 0:
+            rank.state = RankState.SUCCEEDED
+        else:
+            rank.state = RankState.TERMINATED if rank.terminated_by_agent else RankState.FAILED
+            rank.failure = read_failure(
+                local_rank=rank.local_rank,
+                pid=rank.pid,
+                exit_code=code,
+                exit_time=exit_time,
+                error_file=rank.error_file,
+                stderr_path=rank.stderr_path,
+                terminated_by_agent=rank.terminated_by_agent,
+            )
+        if not rank.exited.done():
+            rank.exited.set_result(code)
+        if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
+            attempt.state = JobState.FAILED
+            assert rank.failure is not None
+            attempt.reason = f"local rank {rank.local_rank} failed: {rank.failure.message}"
+            logger.warning("job %s: %s", attempt.spec.job_id, attempt.reason)
+            attempt.terminating = asyncio.ensure_future(
+                self._terminate(attempt, signal.SIGTERM, attempt.spec.kill_timeout)
+            )
+        if not any(r.alive for r in attempt.ranks):
+            self._finish(attempt)
+        if self._subreaper:
+            self._reap_orphans()
+
+    def _finish(self, attempt: Attempt) -> None:
+        """Every rank has exited: kill what they left behind, then publish the end."""
+        leftovers = procs.attempt_processes([], attempt.marker)
+        if leftovers:
+            logger.info(
+                "job %s: killing %d leftover processes", attempt.spec.job_id, len(leftovers)
+            )
+            procs.send_signal((), leftovers, signal.SIGKILL)
+        if attempt.state is JobState.RUNNING:
+            attempt.state = JobState.SUCCEEDED
+            attempt.reason = "every rank exited with code 0"
+        attempt.end_time = time.time()
+        if self._watcher is not None:
+            self._watcher.unwatch(attempt.logs)
+        attempt.logs.mark_ended()
+        attempt.done.set()
+        logger.info(
+            "job %s attempt %d ended: %s",
+            attempt.spec.job_id,
+            attempt.restart_count,
+            attempt.state.value,
+        )
+
+    async def _terminate(
+        self, attempt: Attempt, sig: int, timeout: float, *, escalate: bool = True
+    ) -> None:
+        """Signal every live rank's process group and every other process of the attempt;
+        if `escalate`, SIGKILL what is still alive after `timeout`, and wait a bounded time.
+        Idempotent; ignores processes that are already gone."""
+        alive = [r for r in attempt.ranks if r.alive]
+        if escalate:
+            for rank in alive:
+                rank.terminated_by_agent = True
+        others = procs.attempt_processes([r.pid for r in alive], attempt.marker)
+        procs.send_signal([r.pid for r in alive], others, sig)
+        if not escalate or not alive:
+            return
+        pending = await _wait_ranks(alive, timeout)
+        if pending:
+            logger.warning(
+                "job %s: local ranks %s survived signal %d for %.1fs; sending SIGKILL",
+                attempt.spec.job_id,
+                [r.local_rank for r in pending],
+                sig,
+                timeout,
+            )
+            others = procs.attempt_processes([r.pid for r in pending], attempt.marker)
+            procs.send_signal([r.pid for r in pending], others, signal.SIGKILL)
+            stuck = await _wait_ranks(pending, SIGKILL_WAIT)
+            if stuck:
+                note = (
+                    f"local ranks {[r.local_rank for r in stuck]} did not die within "
+                    f"{SIGKILL_WAIT:g}s of SIGKILL (uninterruptible sleep?)"
+                )
+                logger.error("job %s: %s", attempt.spec.job_id, note)
+                attempt.reason = f"{attempt.reason}; {note}" if attempt.reason else note
+
+    # -- kill -------------------------------------------------------------------------------
+
+    async def kill(
+        self,
+        job_id: str,
+        sig: int = signal.SIGTERM,
+        timeout: float = 30.0,
+        *,
+        escalate: bool = True,
+        reason: str | None = None,
+    ) -> Attempt:
+        """Stop the current attempt: `sig` to every rank's process tree, SIGKILL after
+        `timeout`. Returns with the final states (bounded by timeout + SIGKILL_WAIT).
+        A finished attempt is left as it is. With `escalate=False` only the signal is
+        delivered and the job runs on."""
+        attempt = self.job(job_id).current
+        if attempt.ended:
+            return attempt
+        if not escalate:
+            await self._terminate(attempt, sig, timeout, escalate=False)
+            return attempt
+        if attempt.state is JobState.RUNNING:
+            attempt.state = JobState.KILLED
+            attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
+        await self._terminate(attempt, sig, timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(attempt.done.wait(), SIGKILL_WAIT)
+        return attempt
+
+    # -- mirrors: tee to the console, duplicate filters to files ---------------------------
+
+    def _start_mirrors(self, attempt: Attempt) -> None:
+        spec, logs = attempt.spec, attempt.logs
+        tee = spec.tee_map()
+        shown = spec.local_ranks_filter or frozenset(range(spec.nprocs))
+        for stream, flag, console in ((STDOUT, Std.OUT, self._out), (STDERR, Std.ERR, self._err)):
+            keys = [(r, stream) for r in range(spec.nprocs) if tee[r] & flag and r in shown]
+            if keys:
+                attempt.mirrors.append(
+                    asyncio.ensure_future(_mirror(logs, keys, console, None, close=False))
+                )
+        for stream, needles, name in (
+            (STDOUT, spec.duplicate_stdout_filters, "filtered_stdout.log"),
+            (STDERR, spec.duplicate_stderr_filters, "filtered_stderr.log"),
+        ):
+            if needles:
+                keys = [(r, stream) for r in range(spec.nprocs)]
+                sink = open(os.path.join(logs.attempt_dir, name), "a", encoding="utf-8")  # noqa: SIM115
+                match = _any_of(needles)
+                attempt.mirrors.append(
+                    asyncio.ensure_future(_mirror(logs, keys, sink, match, close=True))
+                )
+
+
+async def _wait_ranks(ranks: list[Rank], timeout: float) -> list[Rank]:
+    """Wait up to `timeout` for the ranks to exit; return those still alive."""
+    pending = [r.exited for r in ranks if r.alive]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return [r for r in ranks if r.alive]
+
+
+def _any_of(needles: tuple[str, ...]) -> Callable[[str], bool]:
+    pattern = re.compile("|".join(re.escape(n) for n in needles))
+    return lambda text: pattern.search(text) is not None
+
+
+async def _mirror(
+    logs: AttemptLogs,
+    keys: list[tuple[int, int]],
+    sink: TextIO,
+    line_filter: Callable[[str], bool] | None,
+    *,
+    close: bool,
+) -> None:
+    """Copy lines, prefixed with their rank's header, to `sink` until the attempt ends."""
+    try:
+        async for batch in LogReader(logs, keys, follow=True, line_filter=line_filter).batches():
+            prefixes = logs.prefixes
+            sink.write("".join(f"{prefixes[ln.local_rank]}{ln.text}\n" for ln in batch))
+            sink.flush()
+    except Exception:
+        logger.exception("mirroring the output of %s failed", logs.attempt_dir)
+    finally:
+        if close:
+            sink.close()

@@ -1,0 +1,351 @@
+"""Failures as data, and the one report a failed job gets.
+
+In the spirit of torch's ``ChildFailedError``: a title, the root cause on top
+with everything known about it (host, global and local rank, exit code, signal,
+pid, error file, the traceback from the error file or the stderr tail), then
+the other failures. It stays short for a thousand ranks: identical failures
+fold into one entry (``global ranks 4-127 (host03, host04): Signal 15 (SIGTERM)``).
+
+Rules, stated once:
+
+- Timestamps are corrected onto the client's clock with each agent's estimated
+  offset (:mod:`client.clock`), so failures order across nodes.
+- Root cause = the earliest corrected failure among ranks that failed on their
+  own (not ``terminated_by_agent``); when every rank was terminated (a Kill),
+  the earliest of all.
+- When the next own failure on another node is closer to the root cause than
+  the two clocks' combined uncertainty, the report says so.
+- Fold key: terminated or not, exit code, signal, and the message with its
+  numbers (pids, ranks) masked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from client.clock import ClockSample
+
+__all__ = [
+    "FailureGroup",
+    "FailureReport",
+    "NodeView",
+    "RankFailure",
+    "build_report",
+    "fold",
+    "format_ranks",
+]
+
+_WIDTH = 60
+_MAX_GROUPS = 12
+_MAX_RANGES = 8
+_MAX_HOSTS = 4
+_MAX_TRACE_LINES = 40
+_INDENT = " " * 14
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the report knows about one node: name, place in the job, clock."""
+
+    address: str
+    name: str
+    node_rank: int
+    rank_offset: int
+    clock: ClockSample | None = None
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's failure, placed in the job (global rank) and in time."""
+
+    node: str
+    address: str
+    node_rank: int
+    global_rank: int
+    local_rank: int
+    pid: int
+    exit_code: int
+    signal_name: str
+    message: str
+    error_file: str
+    traceback: str
+    stderr_tail: tuple[str, ...]
+    timestamp: float
+    """Failure time on the agent's clock (seconds since the epoch)."""
+    time: float
+    """Failure time corrected onto the client's clock."""
+    clock: ClockSample | None
+    terminated: bool
+    error_file_problem: str = ""
+
+    @classmethod
+    def from_proto(cls, failure: Any, node: NodeView) -> RankFailure:
+        """Build from a ``Failure`` message of ``node``."""
+        clock = node.clock
+        return cls(
+            node=node.name,
+            address=node.address,
+            node_rank=node.node_rank,
+            global_rank=node.rank_offset + failure.local_rank,
+            local_rank=failure.local_rank,
+            pid=failure.pid,
+            exit_code=failure.exit_code,
+            signal_name=failure.signal_name,
+            message=failure.message,
+            error_file=failure.error_file or "<N/A>",
+            traceback=failure.traceback,
+            stderr_tail=tuple(failure.stderr_tail),
+            timestamp=failure.timestamp,
+            time=clock.to_client_time(failure.timestamp) if clock else failure.timestamp,
+            clock=clock,
+            terminated=failure.terminated_by_agent,
+            error_file_problem=failure.error_file_problem,
+        )
+
+    @property
+    def uncertainty(self) -> float:
+        return self.clock.uncertainty if self.clock else 0.0
+
+    def cause(self) -> str:
+        """``Signal 15 (SIGTERM)`` or ``exit code 1``."""
+        if self.exit_code < 0:
+            return f"Signal {-self.exit_code} ({self.signal_name or 'unknown signal'})"
+        return f"exit code {self.exit_code}"
+
+    def summary(self) -> str:
+        """One line: the cause, and the error message when there is one."""
+        msg = self.message.strip().splitlines()[-1] if self.message.strip() else ""
+        generic = msg.startswith(("Signal ", "exited with code", "Process failed"))
+        return f"{self.cause()}: {msg}" if msg and not generic else self.cause()
+
+    def fold_key(self) -> tuple[bool, int, str, str]:
+        masked = re.sub(r"0x[0-9a-fA-F]+|\d+", "N", self.message.strip())
+        return (self.terminated, self.exit_code, self.signal_name, masked)
+
+
+def format_ranks(ranks: Iterable[int], *, limit: int | None = None) -> str:
+    """``[0, 1, 2, 3, 8, 9]`` -> ``"0-3,8-9"``; at most ``limit`` ranges shown."""
+    ordered = sorted(set(ranks))
+    ranges: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        ranges.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    if limit is not None and len(ranges) > limit:
+        return ",".join(ranges[:limit]) + f",... ({len(ranges) - limit} more ranges)"
+    return ",".join(ranges)
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Identical failures (same fold key) of one or more ranks."""
+
+    failures: tuple[RankFailure, ...]
+
+    @property
+    def first(self) -> RankFailure:
+        return self.failures[0]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(f.global_rank for f in self.failures)
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted({f.node for f in self.failures}, key=lambda n: self._node_rank(n))
+
+    def _node_rank(self, name: str) -> int:
+        return min(f.node_rank for f in self.failures if f.node == name)
+
+    def line(self) -> str:
+        """``global ranks 4-127 (host03, host04): Signal 15 (SIGTERM)``."""
+        first = self.first
+        if len(self.failures) == 1:
+            where = f"global rank {first.global_rank} ({first.node}, local_rank "
+            where += f"{first.local_rank}, pid {first.pid})"
+        else:
+            nodes = self.nodes
+            shown = ", ".join(nodes[:_MAX_HOSTS])
+            if len(nodes) > _MAX_HOSTS:
+                shown += f", +{len(nodes) - _MAX_HOSTS} more nodes"
+            where = f"global ranks {format_ranks(self.ranks, limit=_MAX_RANGES)} ({shown})"
+        return f"{where}: {first.summary()}"
+
+
+def fold(failures: Iterable[RankFailure]) -> list[FailureGroup]:
+    """Group identical failures; groups ordered by their earliest failure."""
+    groups: dict[tuple[bool, int, str, str], list[RankFailure]] = {}
+    for failure in failures:
+        groups.setdefault(failure.fold_key(), []).append(failure)
+    folded = [FailureGroup(tuple(sorted(g, key=lambda f: f.time))) for g in groups.values()]
+    return sorted(folded, key=lambda g: (g.first.time, g.first.global_rank))
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """Every failure of one attempt of a job, root cause first."""
+
+    job_id: str
+    restart_count: int
+    world_size: int
+    nnodes: int
+    failures: tuple[RankFailure, ...]
+    """Root cause first, then in corrected-time order."""
+    root_cause: RankFailure | None
+    close_call: RankFailure | None = None
+    """An own failure on another node within the clocks' uncertainty of the root cause."""
+    node_errors: tuple[tuple[str, str], ...] = ()
+    """(node, error) for nodes that could not be reached or answered wrongly."""
+    reason: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def own_failures(self) -> list[RankFailure]:
+        """Failures other than the root cause, of ranks that failed on their own."""
+        return [f for f in self.failures[1:] if not f.terminated]
+
+    @property
+    def terminated(self) -> list[RankFailure]:
+        """Ranks rankd stopped (because of the root cause, or a Kill)."""
+        return [f for f in self.failures[1:] if f.terminated]
+
+    def title(self) -> str:
+        ranks = f"{self.world_size} ranks on {self.nnodes} node{'s' * (self.nnodes != 1)}"
+        return f"rankd job {self.job_id} FAILED (attempt {self.restart_count}, {ranks})"
+
+    def format(self) -> str:
+        """The report as text: short, whatever the number of ranks."""
+        out = ["=" * _WIDTH, self.title()]
+        if self.reason:
+            out.append(f"reason: {self.reason}")
+        if self.root_cause is not None:
+            out += ["-" * _WIDTH, "Root Cause (first observed failure):"]
+            out += _format_root(self.root_cause)
+        if self.node_errors:
+            out += ["-" * _WIDTH, "Unreachable or failed nodes:"]
+            out += [f"  {node}: {err}" for node, err in self.node_errors]
+        out += ["-" * _WIDTH, "Other Failures:"]
+        out += _format_groups(fold(self.own_failures), start=1) or ["  <NO_OTHER_FAILURES>"]
+        terminated = fold(self.terminated)
+        if terminated:
+            out += ["-" * _WIDTH, "Terminated by rankd (did not fail on their own):"]
+            out += _format_groups(terminated, start=1)
+        notes = list(self.notes)
+        if self.close_call is not None and self.root_cause is not None:
+            notes.append(_close_call_note(self.root_cause, self.close_call))
+        if notes:
+            out += ["-" * _WIDTH, *(f"Note: {n}" for n in notes)]
+        out.append("=" * _WIDTH)
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts).isoformat(sep="_") if ts > 0 else "<N/A>"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _format_root(f: RankFailure) -> list[str]:
+    time_line = f"  time      : {_iso(f.time)}"
+    if f.clock is not None:
+        time_line += f" (node clock offset {f.clock.offset * 1000:+.1f} ms ±{_ms(f.uncertainty)})"
+    signal = f" ({f.signal_name})" if f.signal_name else ""
+    lines = [
+        "[0]:",
+        time_line,
+        f"  host      : {f.node} (node rank {f.node_rank})",
+        f"  rank      : {f.global_rank} (local_rank: {f.local_rank})",
+        f"  exitcode  : {f.exit_code} (pid: {f.pid}){signal}",
+        f"  error_file: {f.error_file}",
+    ]
+    if f.error_file_problem:
+        lines.append(f"  problem   : {f.error_file_problem}")
+    if f.traceback.strip():
+        body = f.traceback.rstrip().splitlines()
+        label = "traceback"
+    elif f.stderr_tail:
+        body = [f.message.strip(), "stderr (last lines):", *f.stderr_tail]
+        label = "traceback"
+    else:
+        body = [f.message.strip() or f.cause()]
+        label = "traceback"
+    if len(body) > _MAX_TRACE_LINES:
+        cut = len(body) - _MAX_TRACE_LINES
+        body = [f"... ({cut} lines cut)", *body[-_MAX_TRACE_LINES:]]
+    lines.append(f"  {label} : {body[0]}")
+    lines += [f"{_INDENT}{line}" for line in body[1:]]
+    return lines
+
+
+def _format_groups(groups: Sequence[FailureGroup], *, start: int) -> list[str]:
+    lines = [f"[{start + i}]: {g.line()}" for i, g in enumerate(groups[:_MAX_GROUPS])]
+    rest = groups[_MAX_GROUPS:]
+    if rest:
+        count = sum(len(g.failures) for g in rest)
+        lines.append(f"... and {len(rest)} more kinds of failure on {count} ranks")
+    return lines
+
+
+def _close_call_note(root: RankFailure, other: RankFailure) -> str:
+    gap = abs(other.time - root.time)
+    bound = root.uncertainty + other.uncertainty
+    return (
+        f"global rank {other.global_rank} ({other.node}) failed {_ms(gap)} from the root "
+        f"cause, within the clocks' uncertainty (±{_ms(bound)}): either may have failed first."
+    )
+
+
+def build_report(
+    job_id: str,
+    outcomes: Sequence[tuple[NodeView, Any]],
+    *,
+    world_size: int,
+    restart_count: int,
+    node_errors: Sequence[tuple[str, str]] = (),
+    reason: str = "",
+    notes: Sequence[str] = (),
+) -> FailureReport:
+    """The report of one attempt from each node's final ``JobStatus`` (or None)."""
+    failures = [
+        RankFailure.from_proto(failure, node)
+        for node, status in outcomes
+        if status is not None
+        for failure in status.failures
+    ]
+    failures.sort(key=lambda f: (f.time, f.global_rank))
+    own = [f for f in failures if not f.terminated]
+    root = (own or failures or [None])[0]
+    close_call = None
+    if root is not None:
+        failures.remove(root)
+        failures.insert(0, root)
+        for other in own[1:]:
+            if other.node_rank == root.node_rank:
+                continue
+            if abs(other.time - root.time) <= root.uncertainty + other.uncertainty:
+                close_call = other
+            break
+    return FailureReport(
+        job_id=job_id,
+        restart_count=restart_count,
+        world_size=world_size,
+        nnodes=len(outcomes),
+        failures=tuple(failures),
+        root_cause=root,
+        close_call=close_call,
+        node_errors=tuple(node_errors),
+        reason=reason,
+        notes=tuple(notes),
+    )
