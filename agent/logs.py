@@ -42,6 +42,8 @@ _FILE_STREAMS = {name: kind for kind, name in STREAM_FILES.items()}
 MAX_LINE = 64 * 1024
 READ_CHUNK = 256 * 1024
 MAX_BATCH_BYTES = 1024 * 1024
+# With the bytes bound, keeps a batch well under gRPC's default 4 MiB message limit.
+MAX_BATCH_LINES = 4096
 
 
 class Pulse:
@@ -209,8 +211,8 @@ class LogReader:
                 wake = self._logs.pulse.future()
                 ended = self._logs.ended  # read before the files: what it promises is on disk
                 batch, nbytes = self._read_round()
-                if batch:
-                    yield batch
+                for i in range(0, len(batch), MAX_BATCH_LINES):
+                    yield batch[i : i + MAX_BATCH_LINES]
                 if nbytes:
                     continue
                 if ended or not self._follow:
