@@ -7,6 +7,7 @@ __all__ = [
     "FailedPrecondition",
     "JobNotFound",
     "LimitExceeded",
+    "PermissionDenied",
     "RankdError",
     "SpecError",
 ]
@@ -37,3 +38,7 @@ class FailedPrecondition(RankdError):
 
 class LimitExceeded(RankdError):
     """A configured limit (jobs, ranks, sizes) would be exceeded."""
+
+
+class PermissionDenied(RankdError):
+    """The agent's policy forbids the request (e.g. an entrypoint not allowed)."""

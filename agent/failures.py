@@ -88,7 +88,8 @@ def _apply_error_file(failure: Failure, path: str, exit_time: float) -> None:
             raise ValueError(f"larger than {_MAX_ERROR_FILE_BYTES} bytes")
         data = json.loads(raw.decode(errors="replace"))
         message, traceback, stamp = _parse_error_data(data)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
+        # OverflowError: a timestamp of Infinity; RecursionError: absurdly deep nesting.
         failure.error_file_problem = f"corrupt error file {path}: {type(err).__name__}: {err}"
         return
     failure.error_file = path
@@ -111,6 +112,8 @@ def _parse_error_data(data: Any) -> tuple[str, str, int | None]:
     if not isinstance(message, dict):
         raise TypeError("'message' is neither a string nor an object")
     extra = message.get("extraInfo") or {}
+    if not isinstance(extra, dict):
+        raise TypeError("'extraInfo' is not an object")
     stamp = extra.get("timestamp")
     return (
         str(message.get("message", "")),

@@ -142,7 +142,9 @@ class _FileCursor:
                 raw = raw[MAX_LINE:]
             offset += len(raw) + 1
             out.append(LogLine(rank, stream, offset, _decode(raw)))
-        while len(tail) >= MAX_LINE:
+        # `>`, as for complete lines: a tail of exactly MAX_LINE may still end with its
+        # newline in the next read and must then come out as one whole line.
+        while len(tail) > MAX_LINE:
             offset += MAX_LINE
             out.append(LogLine(rank, stream, offset, _decode(tail[:MAX_LINE]), True))
             tail = tail[MAX_LINE:]

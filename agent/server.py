@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agent import __version__
 from agent.errors import RankdError
+from agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
 from agent.service import NodeAgentService
 from agent.specs import Limits
 from agent.supervisor import Supervisor
@@ -42,19 +43,24 @@ async def create_server(
     *,
     supervisor: Supervisor | None = None,
     log_dir: str | None = None,
+    token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, int]:
     """A started server bound to `address` (port 0 = any free port) and its port.
 
-    Serves `supervisor` (or a new one over `log_dir`). Stop with `stop_server`, which
-    also kills the supervisor's jobs."""
+    Serves `supervisor` (or a new one over `log_dir`); with `token`, every call but
+    health checks needs `authorization: Bearer <token>`; with `credentials`, TLS.
+    Stop with `stop_server`, which also kills the supervisor's jobs."""
     if supervisor is None:
         supervisor = Supervisor(log_dir or default_log_dir())
     server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)] if token else None,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     agent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(supervisor), server)
     health_servicer = AsyncHealthServicer()
@@ -62,7 +68,13 @@ async def create_server(
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        raise RankdError(f"cannot listen on {address}: {err}") from None
     if port == 0:
         raise RankdError(f"cannot listen on {address}: address in use or not available")
     await server.start()
@@ -137,11 +149,55 @@ def _parser() -> argparse.ArgumentParser:
         default=4096,
         help="ranks running at once over all jobs (default: %(default)s)",
     )
+    parser.add_argument(
+        "--allow-entrypoint",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="only these executables may be started (repeatable; default: any)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        help="largest request accepted (default: %(default)s)",
+    )
+    sec = parser.add_argument_group(
+        "security",
+        "Any address but loopback needs --token-file and --tls-cert/--tls-key "
+        "(or --insecure on a trusted network).",
+    )
+    sec.add_argument(
+        "--token-file", help="file holding the bearer token clients must send (mode 600)"
+    )
+    sec.add_argument("--tls-cert", help="PEM certificate chain of this agent")
+    sec.add_argument("--tls-key", help="PEM private key of this agent")
+    sec.add_argument(
+        "--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mTLS)"
+    )
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without token and TLS (loud warning)",
+    )
     parser.add_argument("--version", action="version", version=f"rankd-agent {__version__}")
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    # Handlers first: a SIGTERM right after "listening on" must still stop cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    token = load_token(args.token_file) if args.token_file else None
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    warning = check_bind_policy(
+        args.host, token=token is not None, tls=credentials is not None, insecure=args.insecure
+    )
+    if warning:
+        logger.warning("%s", warning)
+        print(warning, file=sys.stderr, flush=True)
     log_dir = args.log_dir or default_log_dir()
     supervisor = Supervisor(
         log_dir,
@@ -150,17 +206,20 @@ async def _serve(args: argparse.Namespace) -> int:
         subreaper=True,
         max_jobs=args.max_jobs,
         max_running_ranks=args.max_running_ranks,
+        allowed_entrypoints=args.allow_entrypoint,
     )
     host = args.host
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
-    server, port = await create_server(address, supervisor=supervisor)
+    server, port = await create_server(
+        address,
+        supervisor=supervisor,
+        token=token,
+        credentials=credentials,
+        max_message_bytes=args.max_message_bytes,
+    )
     print(f"listening on {host}:{port}", flush=True)
     logger.info("rankd-agent %s serving on %s:%d, logs in %s", __version__, host, port, log_dir)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("shutting down: stopping every job")
     await stop_server(server, timeout=args.shutdown_timeout)

@@ -25,6 +25,7 @@ from agent.errors import (
     FailedPrecondition,
     JobNotFound,
     LimitExceeded,
+    PermissionDenied,
     RankdError,
     SpecError,
 )
@@ -47,6 +48,7 @@ _CODES: list[tuple[type[RankdError], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 Req = TypeVar("Req")

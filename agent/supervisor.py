@@ -22,13 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TextIO
 
 from agent import procs
-from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, SpecError
+from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDenied, SpecError
 from agent.failures import Failure, read_failure
 from agent.linux import set_child_subreaper
 from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
@@ -158,6 +158,7 @@ class Supervisor:
         subreaper: bool = False,
         max_jobs: int = 1000,
         max_running_ranks: int = 4096,
+        allowed_entrypoints: Iterable[str] | None = None,
     ) -> None:
         if os.path.exists(log_dir) and not os.path.isdir(log_dir):
             raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
@@ -170,6 +171,11 @@ class Supervisor:
         self._subreaper = subreaper
         self._max_jobs = max_jobs
         self._max_running_ranks = max_running_ranks
+        self._allowed = (
+            None
+            if allowed_entrypoints is None
+            else frozenset(os.path.realpath(p) for p in allowed_entrypoints)
+        )
         self._jobs: dict[str, Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: LogWatcher | None = None
@@ -236,6 +242,11 @@ class Supervisor:
         loop = self._ensure_loop()
         validate_job_id(spec.job_id)
         spec = spec.validate(self.limits)
+        if self._allowed is not None and os.path.realpath(spec.entrypoint) not in self._allowed:
+            raise PermissionDenied(
+                f"entrypoint {spec.entrypoint} is not allowed on this agent "
+                f"(allowed: {', '.join(sorted(self._allowed))}; see --allow-entrypoint)"
+            )
         async with self._start_lock:
             job = self._jobs.get(spec.job_id)
             if job is not None:

@@ -38,7 +38,9 @@ def wait_state(agent: AgentProcess, job_id: str, timeout: float = 15.0) -> pb.Jo
     return poll(agent, job_id)
 
 
-def read_stream(agent: AgentProcess, **request: object) -> tuple[list[pb.LogLine], list[pb.StreamResponse]]:
+def read_stream(
+    agent: AgentProcess, **request: object
+) -> tuple[list[pb.LogLine], list[pb.StreamResponse]]:
     msgs = list(agent.stub.Stream(pb.StreamRequest(**request), timeout=30))
     return [ln for m in msgs for ln in m.lines], msgs
 
@@ -50,7 +52,9 @@ def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     return err.code(), err.details()  # type: ignore[attr-defined]
 
 
-def test_start_poll_stream_list_info(agent: AgentProcess, script: Callable[[str, str], str]) -> None:
+def test_start_poll_stream_list_info(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
     worker = script(
         "w.py",
         "import os, sys\n"
@@ -102,14 +106,17 @@ def test_start_poll_stream_list_info(agent: AgentProcess, script: Callable[[str,
 
 def test_prefix_template_and_rank_offset(agent: AgentProcess) -> None:
     s = spec(
-        "tpl", 2, "-c", "print('hi')", log_line_prefix_template="[${role_name}:${rank}/${local_rank}] ",
-        rank_offset=4, role_name="trainer",
+        "tpl",
+        2,
+        "-c",
+        "print('hi')",
+        log_line_prefix_template="[${role_name}:${rank}/${local_rank}] ",
+        rank_offset=4,
+        role_name="trainer",
     )
     start(agent, s)
     lines, _ = read_stream(agent, job_id="tpl", follow=True)
-    assert sorted(ln.prefix + ln.text for ln in lines) == [
-        "[trainer:4/0] hi", "[trainer:5/1] hi"
-    ]
+    assert sorted(ln.prefix + ln.text for ln in lines) == ["[trainer:4/0] hi", "[trainer:5/1] hi"]
 
 
 def test_poll_reports_usage_of_live_ranks(agent: AgentProcess) -> None:
@@ -208,7 +215,9 @@ def test_start_is_idempotent_and_starts_next_attempt(agent: AgentProcess) -> Non
     assert [ln.text for ln in new] == ["attempt 1", "attempt 1"]
 
 
-def test_failure_fields_and_fail_fast(agent: AgentProcess, script: Callable[[str, str], str]) -> None:
+def test_failure_fields_and_fail_fast(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
     worker = script(
         "f.py",
         "import os, sys, time\n"
@@ -231,7 +240,9 @@ def test_failure_fields_and_fail_fast(agent: AgentProcess, script: Callable[[str
     assert all(f.timestamp >= root.timestamp for f in others)
 
 
-def test_kill_without_escalation_forwards_signal(agent: AgentProcess, script: Callable[[str, str], str]) -> None:
+def test_kill_without_escalation_forwards_signal(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
     worker = script(
         "usr1.py",
         "import signal, sys, time\n"
@@ -265,7 +276,9 @@ def test_kill_escalates_to_sigkill(agent: AgentProcess, script: Callable[[str, s
     assert [r.exit_code for r in job.ranks] == [-signal.SIGKILL] * 2
 
 
-def test_stream_resume_after_cut_is_exact(agent: AgentProcess, script: Callable[[str, str], str]) -> None:
+def test_stream_resume_after_cut_is_exact(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
     n = 60_000
     worker = script(
         "flood.py",
@@ -302,12 +315,15 @@ def test_stream_resume_after_cut_is_exact(agent: AgentProcess, script: Callable[
         assert seen[(r, pb.STDOUT)] == [f"r{r} line {i}" for i in range(n)]
 
 
-def test_concurrent_streams_and_a_stalled_reader(agent: AgentProcess, script: Callable[[str, str], str]) -> None:
+def test_concurrent_streams_and_a_stalled_reader(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
     n = 50_000
     worker = script(
         "talk.py",
         "import os, sys\n"
-        f"sys.stdout.writelines(f'{{os.environ[\"LOCAL_RANK\"]}}:{{i}}' + 'x' * 80 + '\\n' for i in range({n}))\n",
+        "r = os.environ['LOCAL_RANK']\n"
+        f"sys.stdout.writelines(f'{{r}}:{{i}}' + 'x' * 80 + '\\n' for i in range({n}))\n",
     )
     start(agent, spec("talk", 2, worker))
     # A client that opens a follow stream and never reads: gRPC flow control holds it.
@@ -327,7 +343,9 @@ def test_concurrent_streams_and_a_stalled_reader(agent: AgentProcess, script: Ca
     stalled.cancel()
 
 
-def test_agent_sigterm_kills_running_jobs(tmp_path: Path, script: Callable[[str, str], str]) -> None:
+def test_agent_sigterm_kills_running_jobs(
+    tmp_path: Path, script: Callable[[str, str], str]
+) -> None:
     handle = start_agent(tmp_path / "logs2", "--shutdown-timeout", "2")
     try:
         worker = script(
@@ -340,6 +358,7 @@ def test_agent_sigterm_kills_running_jobs(tmp_path: Path, script: Callable[[str,
         )
         resp = handle.stub.Start(pb.StartRequest(spec=spec("tree", 2, worker)), timeout=10)
         pids = [r.pid for r in resp.job.ranks]
+
         def printed() -> list[int]:
             msgs = handle.stub.Stream(pb.StreamRequest(job_id="tree"), timeout=5)
             return [int(ln.text) for m in msgs for ln in m.lines]
