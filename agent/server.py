@@ -204,6 +204,7 @@ async def _serve(args: argparse.Namespace) -> int:
         limits=Limits(max_nprocs=args.max_nprocs),
         base_env=_worker_env(),
         subreaper=True,
+        guardian=True,
         max_jobs=args.max_jobs,
         max_running_ranks=args.max_running_ranks,
         allowed_entrypoints=args.allow_entrypoint,

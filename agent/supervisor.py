@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,13 +24,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import TextIO
+from typing import Any, TextIO
 
-from agent import procs
+from agent import procs, store
 from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDenied, SpecError
-from agent.failures import Failure, read_failure
+from agent.failures import Failure, read_failure, stderr_tail
+from agent.guardian import spawn_guardian
 from agent.linux import set_child_subreaper
 from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
 from agent.specs import JobSpec, Limits, Std, validate_job_id
@@ -65,7 +67,7 @@ class Rank:
     stdout_path: str
     stderr_path: str
     error_file: str
-    exited: asyncio.Future[int]
+    exited: asyncio.Future[int] | None = None  # None for ranks restored from disk
     end_time: float = 0.0
     exit_code: int | None = None
     state: RankState = RankState.RUNNING
@@ -91,6 +93,9 @@ class Attempt:
     end_time: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     mirrors: list[asyncio.Task[None]] = field(default_factory=list)
+    # Carried in every rank's environment (RANKD_ATTEMPT) so that descendants which left
+    # the process group or their parent are still known: "<agent tag>/<job>/<attempt>".
+    marker: str = ""
     terminating: asyncio.Task[None] | None = None
 
     @property
@@ -100,10 +105,6 @@ class Attempt:
     @property
     def ended(self) -> bool:
         return self.done.is_set()
-
-    @property
-    def marker(self) -> str:
-        return f"{self.spec.job_id}/{self.spec.restart_count}/{id(self):x}"
 
     def failures(self) -> list[Failure]:
         """Every failure, the root cause first (earliest that was not caused by the
@@ -156,6 +157,7 @@ class Supervisor:
         console_out: TextIO | None = None,
         console_err: TextIO | None = None,
         subreaper: bool = False,
+        guardian: bool = False,
         max_jobs: int = 1000,
         max_running_ranks: int = 4096,
         allowed_entrypoints: Iterable[str] | None = None,
@@ -169,6 +171,10 @@ class Supervisor:
         self._out = console_out or sys.stdout
         self._err = console_err or sys.stderr
         self._subreaper = subreaper
+        self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._guardian_fd = -1
+        if guardian:
+            self._guardian, self._guardian_fd = spawn_guardian(self.tag)
         self._max_jobs = max_jobs
         self._max_running_ranks = max_running_ranks
         self._allowed = (
@@ -182,6 +188,7 @@ class Supervisor:
         self._rank_pids: set[int] = set()
         self._start_lock = asyncio.Lock()
         self.usage = procs.UsageSampler()
+        self._restore()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -216,6 +223,36 @@ class Supervisor:
             self._watcher = None
         if self._loop is not None and self._subreaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
+        if self._guardian_fd >= 0:  # the guardian sweeps for stragglers and exits
+            os.close(self._guardian_fd)
+            self._guardian_fd = -1
+
+    # -- the record on disk ----------------------------------------------------------
+
+    def _record(self, job: Job) -> None:
+        store.write_job_file(
+            job.run_dir,
+            {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]},
+        )
+
+    def _restore(self) -> None:
+        """Load the jobs recorded under the log dir by an earlier agent. An attempt that
+        was running when that agent died is reported FAILED, never RUNNING."""
+        for run_dir, data in store.load_job_files(self.log_dir):
+            try:
+                job = Job(data["job_id"], run_dir)
+                for item in data["attempts"]:
+                    job.attempts.append(_attempt_from_dict(item))
+            except (KeyError, TypeError, ValueError) as err:
+                logger.warning("skipping job record in %s: %s", run_dir, err)
+                continue
+            if job.job_id in self._jobs:
+                logger.warning("job %s recorded twice; keeping %s", job.job_id, run_dir)
+            self._jobs[job.job_id] = job
+            if any(a.reason.startswith(_LOST) for a in job.attempts):
+                self._record(job)
+        if self._jobs:
+            logger.info("restored %d jobs from %s", len(self._jobs), self.log_dir)
 
     # -- queries -------------------------------------------------------------------
 
@@ -285,6 +322,7 @@ class Supervisor:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
             job.attempts.append(attempt)
+            self._record(job)
             return job, True
 
     def _current_attempts(self) -> list[Attempt]:
@@ -305,7 +343,12 @@ class Supervisor:
                 f"log directory {attempt_dir} exists already; attempts are never overwritten"
             ) from None
         logs = AttemptLogs(attempt_dir, spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)])
-        attempt = Attempt(spec=spec, logs=logs, start_time=time.time())
+        attempt = Attempt(
+            spec=spec,
+            logs=logs,
+            start_time=time.time(),
+            marker=f"{self.tag}/{spec.job_id}/{spec.restart_count}",
+        )
         try:
             for rank in range(spec.nprocs):
                 os.mkdir(logs.rank_dir(rank))
@@ -401,7 +444,7 @@ class Supervisor:
                 stderr_path=rank.stderr_path,
                 terminated_by_agent=rank.terminated_by_agent,
             )
-        if not rank.exited.done():
+        if rank.exited is not None and not rank.exited.done():
             rank.exited.set_result(code)
         if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
             attempt.state = JobState.FAILED
@@ -432,6 +475,9 @@ class Supervisor:
             self._watcher.unwatch(attempt.logs)
         attempt.logs.mark_ended()
         attempt.done.set()
+        job = self._jobs.get(attempt.spec.job_id)
+        if job is not None:
+            self._record(job)
         logger.info(
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
@@ -527,9 +573,92 @@ class Supervisor:
                 )
 
 
+_LOST = "the agent stopped while this attempt ran"
+
+
+def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "spec": store.spec_to_dict(attempt.spec),
+        "attempt_dir": attempt.logs.attempt_dir,
+        "state": attempt.state.value,
+        "reason": attempt.reason,
+        "start_time": attempt.start_time,
+        "end_time": attempt.end_time,
+        "ranks": [
+            {
+                "local_rank": r.local_rank,
+                "pid": r.pid,
+                "start_time": r.start_time,
+                "end_time": r.end_time,
+                "exit_code": r.exit_code,
+                "state": r.state.value,
+                "terminated_by_agent": r.terminated_by_agent,
+                "failure": asdict(r.failure) if r.failure else None,
+            }
+            for r in attempt.ranks
+        ],
+    }
+
+
+def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
+    spec = store.spec_from_dict(data["spec"])
+    logs = AttemptLogs(
+        data["attempt_dir"], spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)]
+    )
+    logs.ended = True
+    attempt = Attempt(
+        spec=spec,
+        logs=logs,
+        state=JobState(data["state"]),
+        reason=data.get("reason", ""),
+        start_time=float(data.get("start_time", 0.0)),
+        end_time=float(data.get("end_time", 0.0)),
+    )
+    lost = attempt.state is JobState.RUNNING
+    for item in data["ranks"]:
+        failure = item.get("failure")
+        rank = Rank(
+            local_rank=int(item["local_rank"]),
+            pid=int(item["pid"]),
+            start_time=float(item["start_time"]),
+            stdout_path=logs.path(int(item["local_rank"]), STDOUT),
+            stderr_path=logs.path(int(item["local_rank"]), STDERR),
+            error_file=logs.error_file(int(item["local_rank"])),
+            end_time=float(item.get("end_time", 0.0)),
+            exit_code=item.get("exit_code"),
+            state=RankState(item["state"]),
+            terminated_by_agent=bool(item.get("terminated_by_agent")),
+            failure=store.failure_from_dict(failure) if failure else None,
+        )
+        if rank.exit_code is None:  # it was running when the agent died
+            rank.state = RankState.TERMINATED
+            rank.failure = Failure(
+                local_rank=rank.local_rank,
+                pid=rank.pid,
+                exit_code=-signal.SIGKILL,
+                signal_name="SIGKILL",
+                message=(
+                    f"{_LOST}: the rank (PID {rank.pid}) was killed by the agent's guardian; "
+                    "its exit status is unknown"
+                ),
+                terminated_by_agent=True,
+                stderr_tail=stderr_tail(rank.stderr_path),
+            )
+            rank.exit_code = -signal.SIGKILL
+        attempt.ranks.append(rank)
+    if lost:
+        attempt.state = JobState.FAILED
+        attempt.reason = f"{_LOST} (it crashed or was killed); its ranks were killed with it"
+        attempt.end_time = attempt.end_time or max(
+            (r.start_time for r in attempt.ranks), default=attempt.start_time
+        )
+    attempt.done.set()
+    return attempt
+
+
 async def _wait_ranks(ranks: list[Rank], timeout: float) -> list[Rank]:
     """Wait up to `timeout` for the ranks to exit; return those still alive."""
-    pending = [r.exited for r in ranks if r.alive]
+    pending = [r.exited for r in ranks if r.alive and r.exited is not None]
     if pending:
         await asyncio.wait(pending, timeout=timeout)
     return [r for r in ranks if r.alive]

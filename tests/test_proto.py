@@ -17,8 +17,14 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-            "--grpc_python_out=.", str(PROTO),
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
+            str(PROTO),
         ],
         cwd=tmp_path,
         check=True,

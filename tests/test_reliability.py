@@ -1,0 +1,217 @@
+"""No orphan, no lost line, no lost result: agent death and restart, resources, floods."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import AgentProcess, start_agent, wait_until
+
+from protos.rankd.v1 import agent_pb2 as pb
+
+PY = sys.executable
+
+
+def _marked_processes(tag_filter: str = "") -> list[int]:
+    """Live processes carrying a rankd attempt marker (zombies have no environment)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            value = proc.environ().get("RANKD_ATTEMPT")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if value is not None and tag_filter in value:
+            found.append(proc.pid)
+    return found
+
+
+def _lines(agent: AgentProcess, job_id: str, **kw: object) -> list[pb.LogLine]:
+    msgs = agent.stub.Stream(pb.StreamRequest(job_id=job_id, **kw), timeout=60)
+    return [ln for m in msgs for ln in m.lines]
+
+
+def test_agent_sigkill_leaves_nothing_and_restart_remembers(
+    tmp_path: Path, script: Callable[[str, str], str]
+) -> None:
+    log_dir = tmp_path / "logs"
+    worker = script(
+        "family.py",
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '1000'], start_new_session=True)\n"  # left its session
+        "subprocess.Popen(['sh', '-c', 'sleep 1000 & exit 0'])\n"  # orphaned grandchild
+        "print('family started', flush=True)\n"
+        "time.sleep(1000)\n",
+    )
+    agent = start_agent(log_dir)
+    try:
+        done = pb.JobSpec(job_id="done", nprocs=2, entrypoint=PY, args=["-c", "print('finished')"])
+        agent.stub.Start(pb.StartRequest(spec=done), timeout=10)
+        wait_until(lambda: agent.stub.Poll(pb.PollRequest(job_id="done")).job.state == pb.SUCCEEDED)
+        live = pb.JobSpec(job_id="live", nprocs=8, entrypoint=PY, args=[worker])
+        agent.stub.Start(pb.StartRequest(spec=live), timeout=10)
+        wait_until(lambda: len(_lines(agent, "live")) == 8, 20, "8 ranks to start their family")
+        wait_until(lambda: len(_marked_processes("/live/")) >= 24, 10, "ranks + grandchildren")
+    finally:
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(10)
+        agent.channel.close()
+    wait_until(lambda: not _marked_processes("/live/"), 2.0, "every process of the job to die")
+
+    again = start_agent(log_dir)
+    try:
+        jobs = {j.job_id: j for j in again.stub.List(pb.ListRequest(), timeout=5).jobs}
+        assert set(jobs) == {"done", "live"}
+        lost = again.stub.Poll(pb.PollRequest(job_id="live"), timeout=5).job
+        assert lost.state == pb.FAILED
+        assert "agent stopped while this attempt ran" in lost.reason
+        assert len(lost.ranks) == 8 and all(r.state == pb.RANK_TERMINATED for r in lost.ranks)
+        finished = again.stub.Poll(pb.PollRequest(job_id="done"), timeout=5).job
+        assert finished.state == pb.SUCCEEDED
+        assert [r.exit_code for r in finished.ranks] == [0, 0]
+        assert sorted(ln.text for ln in _lines(again, "done", follow=True)) == ["finished"] * 2
+        assert [ln.text for ln in _lines(again, "live", follow=True)] == ["family started"] * 8
+        # the job goes on with its next attempt in the same run directory
+        nxt = pb.JobSpec(
+            job_id="live", nprocs=1, entrypoint=PY, args=["-c", "pass"], restart_count=1
+        )
+        resp = again.stub.Start(pb.StartRequest(spec=nxt), timeout=10)
+        assert resp.job.run_dir == lost.run_dir and resp.job.attempt_dir.endswith("attempt_1")
+    finally:
+        again.stop()
+
+
+def _agent_numbers(pid: int) -> tuple[int, int, int]:
+    proc = psutil.Process(pid)
+    return proc.num_fds(), proc.num_threads(), proc.memory_info().rss
+
+
+@pytest.mark.timeout(300)
+def test_many_sequential_jobs_keep_resources_flat(agent: AgentProcess) -> None:
+    def run(i: int) -> None:
+        spec = pb.JobSpec(
+            job_id=f"seq-{i}", nprocs=2, entrypoint="/bin/sh", args=["-c", "echo out; echo err >&2"]
+        )
+        agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)
+        lines = _lines(agent, f"seq-{i}", follow=True)
+        assert len(lines) == 4
+
+    for i in range(30):  # warm-up: caches, gRPC pools, lazy imports
+        run(i)
+    fds0, threads0, rss0 = _agent_numbers(agent.proc.pid)
+    for i in range(30, 330):
+        run(i)
+    fds1, threads1, rss1 = _agent_numbers(agent.proc.pid)
+    assert fds1 <= fds0 + 2, (fds0, fds1)
+    assert threads1 <= threads0 + 1, (threads0, threads1)
+    # 300 job records stay in memory (a few KB each); a leak of pidfds, watches or
+    # readers would cost far more.
+    assert rss1 - rss0 < 15 * 1024 * 1024, (rss0, rss1)
+    assert not psutil.Process(agent.proc.pid).children()[1:]  # only the guardian remains
+
+
+def test_sixteen_concurrent_streams_get_every_line(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
+    n = 20_000
+    worker = script(
+        "flat.py",
+        "import os, sys\n"
+        "r = os.environ['LOCAL_RANK']\n"
+        f"sys.stdout.writelines(f'{{r}} {{i}} ' + 'y' * 90 + '\\n' for i in range({n}))\n",
+    )
+    agent.stub.Start(
+        pb.StartRequest(spec=pb.JobSpec(job_id="flat", nprocs=4, entrypoint=PY, args=[worker]))
+    )
+    results: list[list[pb.LogLine] | BaseException] = [[] for _ in range(16)]
+
+    def client(k: int) -> None:
+        try:
+            results[k] = _lines(agent, "flat", follow=True)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            results[k] = err
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for got in results:
+        assert not isinstance(got, BaseException), got
+        for r in range(4):
+            texts = [ln.text.split(" y")[0].rstrip("y ") for ln in got if ln.local_rank == r]
+            assert len(texts) == n
+            assert texts == [f"{r} {i}" for i in range(n)]
+
+
+@pytest.mark.timeout(180)
+def test_huge_line_keeps_agent_memory_bounded(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
+    size = 100 * 1024 * 1024
+    worker = script(
+        "huge.py",
+        "import os, sys\n"
+        "if os.environ['LOCAL_RANK'] == '0':\n"
+        "    chunk = b'z' * (1024 * 1024)\n"
+        f"    for _ in range({size} // len(chunk)):\n"
+        "        sys.stdout.buffer.write(chunk)\n"
+        "    sys.stdout.buffer.write(b'\\nend\\n')\n"
+        "else:\n"
+        "    for i in range(1000):\n"
+        "        print('small', i, flush=True)\n",
+    )
+    rss_before = psutil.Process(agent.proc.pid).memory_info().rss
+    agent.stub.Start(
+        pb.StartRequest(spec=pb.JobSpec(job_id="huge", nprocs=2, entrypoint=PY, args=[worker]))
+    )
+    peak = 0
+    total = 0
+    small = []
+    last_texts: list[str] = []
+    for msg in agent.stub.Stream(pb.StreamRequest(job_id="huge", follow=True), timeout=150):
+        peak = max(peak, psutil.Process(agent.proc.pid).memory_info().rss)
+        for ln in msg.lines:
+            if ln.local_rank == 0:
+                total += len(ln.text)
+                last_texts = (last_texts + [ln.text])[-2:]
+                assert len(ln.text.encode()) <= 64 * 1024
+            else:
+                small.append(ln.text)
+    assert total == size + len("end")
+    assert last_texts[-1] == "end"
+    assert small == [f"small {i}" for i in range(1000)]
+    # bound: 64 MiB over the agent's resting size, for a 100 MiB line without newline
+    assert peak - rss_before < 64 * 1024 * 1024, (rss_before, peak)
+
+
+def test_rank_whose_log_file_is_deleted_and_closed_stdout(
+    agent: AgentProcess, script: Callable[[str, str], str]
+) -> None:
+    worker = script(
+        "odd.py",
+        "import os, sys, time\n"
+        "r = os.environ['LOCAL_RANK']\n"
+        "if r == '0':\n"
+        "    print('before close', flush=True)\n"
+        "    os.close(1)\n"
+        "    print('still alive', file=sys.stderr, flush=True)\n"
+        "else:\n"
+        "    d = os.path.dirname(os.environ['TORCHELASTIC_ERROR_FILE'])\n"
+        "    os.unlink(os.path.join(d, 'stdout.log'))\n"
+        "    print('into the void', flush=True)\n",
+    )
+    agent.stub.Start(
+        pb.StartRequest(spec=pb.JobSpec(job_id="odd", nprocs=2, entrypoint=PY, args=[worker]))
+    )
+    wait_until(lambda: agent.stub.Poll(pb.PollRequest(job_id="odd")).job.state != pb.RUNNING)
+    status = agent.stub.Poll(pb.PollRequest(job_id="odd")).job
+    assert status.state == pb.SUCCEEDED
+    texts = sorted((ln.local_rank, ln.text) for ln in _lines(agent, "odd", follow=True))
+    assert (0, "before close") in texts and (0, "still alive") in texts
+    assert os.path.exists(status.ranks[0].stdout_path)
