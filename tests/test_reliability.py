@@ -133,7 +133,7 @@ def test_sixteen_concurrent_streams_get_every_line(
     def client(k: int) -> None:
         try:
             results[k] = _lines(agent, "flat", follow=True)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as err:
             results[k] = err
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
@@ -179,7 +179,7 @@ def test_huge_line_keeps_agent_memory_bounded(
         for ln in msg.lines:
             if ln.local_rank == 0:
                 total += len(ln.text)
-                last_texts = (last_texts + [ln.text])[-2:]
+                last_texts = ([*last_texts, ln.text])[-2:]
                 assert len(ln.text.encode()) <= 64 * 1024
             else:
                 small.append(ln.text)
