@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from agent import __version__
 from agent.errors import RankdError
+from agent.logfmt import configure_logging
+from agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
 from agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
 from agent.service import NodeAgentService
 from agent.specs import Limits
@@ -46,6 +48,7 @@ async def create_server(
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    metrics: tuple[str, int] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started server bound to `address` (port 0 = any free port) and its port.
 
@@ -54,15 +57,24 @@ async def create_server(
     Stop with `stop_server`, which also kills the supervisor's jobs."""
     if supervisor is None:
         supervisor = Supervisor(log_dir or default_log_dir())
+    stats = StreamStats()
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if token:
+        interceptors.append(TokenInterceptor(token))
+    if metrics is not None:
+        registry, metrics_port = serve_metrics(metrics[0], metrics[1], supervisor, stats)
+        interceptors.append(MetricsInterceptor(registry))
+        logger.info("metrics on http://%s:%d/metrics", metrics[0], metrics_port)
+        print(f"metrics on {metrics[0]}:{metrics_port}", file=sys.stderr, flush=True)
     server = grpc.aio.server(
-        interceptors=[TokenInterceptor(token)] if token else None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(supervisor), server)
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(supervisor, stats), server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -180,6 +192,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback address without token and TLS (loud warning)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port (0 = any free port; "
+        "the address is printed on stderr as 'metrics on HOST:PORT')",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="the agent's own log records: text, or one JSON object per line with job_id "
+        "and local_rank where they apply (default: %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"rankd-agent {__version__}")
     return parser
 
@@ -217,6 +248,7 @@ async def _serve(args: argparse.Namespace) -> int:
         token=token,
         credentials=credentials,
         max_message_bytes=args.max_message_bytes,
+        metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
     )
     print(f"listening on {host}:{port}", flush=True)
     logger.info("rankd-agent %s serving on %s:%d, logs in %s", __version__, host, port, log_dir)
@@ -235,11 +267,7 @@ def _worker_env() -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         return asyncio.run(_serve(args))
     except RankdError as err:

@@ -30,6 +30,7 @@ from agent.errors import (
     SpecError,
 )
 from agent.logs import STDERR, STDOUT, LogReader
+from agent.metrics import StreamStats
 from agent.specs import parse_signal, validate_job_id
 from agent.supervisor import Attempt, Supervisor
 from protos.rankd.v1 import agent_pb2 as pb
@@ -79,8 +80,9 @@ def _unary(
 
 
 class NodeAgentService(pb_grpc.NodeAgentServicer):
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, stats: StreamStats | None = None) -> None:
         self._sup = supervisor
+        self.stats = stats or StreamStats()
 
     def _job(self, job_id: str) -> Any:
         validate_job_id(job_id)
@@ -149,24 +151,31 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         prefixes = attempt.logs.prefixes
         count = attempt.restart_count
         line = pb.LogLine
-        async for batch in reader.batches():
-            yield pb.StreamResponse(
-                lines=[
-                    line(
-                        local_rank=ln.local_rank,
-                        stream=ln.stream,  # type: ignore[arg-type]
-                        offset=ln.offset,
-                        text=ln.text,
-                        prefix=prefixes[ln.local_rank],
-                        partial=ln.partial,
-                    )
-                    for ln in batch
-                ],
-                restart_count=count,
-            )
-        if attempt.ended:
-            job = self._sup.job(request.job_id)
-            yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
+        stats = self.stats
+        stats.active += 1
+        try:
+            async for batch in reader.batches():
+                stats.lines += len(batch)
+                stats.bytes += sum(len(ln.text) for ln in batch)
+                yield pb.StreamResponse(
+                    lines=[
+                        line(
+                            local_rank=ln.local_rank,
+                            stream=ln.stream,  # type: ignore[arg-type]
+                            offset=ln.offset,
+                            text=ln.text,
+                            prefix=prefixes[ln.local_rank],
+                            partial=ln.partial,
+                        )
+                        for ln in batch
+                    ],
+                    restart_count=count,
+                )
+            if attempt.ended:
+                job = self._sup.job(request.job_id)
+                yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
+        finally:
+            stats.active -= 1
 
     def _open_stream(self, request: pb.StreamRequest) -> tuple[Attempt, LogReader]:
         job = self._job(request.job_id)

@@ -12,6 +12,7 @@ This module never imports grpc: the service adapts it to the wire.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -188,6 +189,7 @@ class Supervisor:
         self._rank_pids: set[int] = set()
         self._start_lock = asyncio.Lock()
         self.usage = procs.UsageSampler()
+        self.exit_counts: collections.Counter[str] = collections.Counter()
         self._restore()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -371,6 +373,7 @@ class Supervisor:
             spec.nprocs,
             spec.entrypoint,
             attempt_dir,
+            extra=_ctx(attempt),
         )
         return attempt
 
@@ -444,13 +447,16 @@ class Supervisor:
                 stderr_path=rank.stderr_path,
                 terminated_by_agent=rank.terminated_by_agent,
             )
+        self.exit_counts[rank.state.value.lower()] += 1
         if rank.exited is not None and not rank.exited.done():
             rank.exited.set_result(code)
         if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
             attempt.state = JobState.FAILED
             assert rank.failure is not None
             attempt.reason = f"local rank {rank.local_rank} failed: {rank.failure.message}"
-            logger.warning("job %s: %s", attempt.spec.job_id, attempt.reason)
+            logger.warning(
+                "job %s: %s", attempt.spec.job_id, attempt.reason, extra=_ctx(attempt, rank)
+            )
             attempt.terminating = asyncio.ensure_future(
                 self._terminate(attempt, signal.SIGTERM, attempt.spec.kill_timeout)
             )
@@ -464,7 +470,10 @@ class Supervisor:
         leftovers = procs.attempt_processes([], attempt.marker)
         if leftovers:
             logger.info(
-                "job %s: killing %d leftover processes", attempt.spec.job_id, len(leftovers)
+                "job %s: killing %d leftover processes",
+                attempt.spec.job_id,
+                len(leftovers),
+                extra=_ctx(attempt),
             )
             procs.send_signal((), leftovers, signal.SIGKILL)
         if attempt.state is JobState.RUNNING:
@@ -483,6 +492,7 @@ class Supervisor:
             attempt.spec.job_id,
             attempt.restart_count,
             attempt.state.value,
+            extra=_ctx(attempt),
         )
 
     async def _terminate(
@@ -507,6 +517,7 @@ class Supervisor:
                 [r.local_rank for r in pending],
                 sig,
                 timeout,
+                extra=_ctx(attempt),
             )
             others = procs.attempt_processes([r.pid for r in pending], attempt.marker)
             procs.send_signal([r.pid for r in pending], others, signal.SIGKILL)
@@ -516,7 +527,7 @@ class Supervisor:
                     f"local ranks {[r.local_rank for r in stuck]} did not die within "
                     f"{SIGKILL_WAIT:g}s of SIGKILL (uninterruptible sleep?)"
                 )
-                logger.error("job %s: %s", attempt.spec.job_id, note)
+                logger.error("job %s: %s", attempt.spec.job_id, note, extra=_ctx(attempt))
                 attempt.reason = f"{attempt.reason}; {note}" if attempt.reason else note
 
     # -- kill -------------------------------------------------------------------------------
@@ -574,6 +585,18 @@ class Supervisor:
 
 
 _LOST = "the agent stopped while this attempt ran"
+
+
+def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
+    """Structured fields of a log record about a job (see agent.logfmt)."""
+    ctx: dict[str, object] = {
+        "job_id": attempt.spec.job_id,
+        "restart_count": attempt.restart_count,
+    }
+    if rank is not None:
+        ctx["local_rank"] = rank.local_rank
+        ctx["pid"] = rank.pid
+    return ctx
 
 
 def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
