@@ -99,6 +99,21 @@ async def create_server(
 _SUPERVISORS: dict[int, Supervisor] = {}
 
 
+async def create_health_server(address: str) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only the standard health service, for probes that cannot
+    speak TLS (Kubernetes' gRPC probe). It runs no commands and needs no token."""
+    server = grpc.aio.server()
+    servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RankdError(f"cannot listen on {address} for health checks")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
 async def stop_server(server: grpc.aio.Server, *, timeout: float = 10.0) -> None:
     """Kill every job of the server's supervisor (SIGTERM, SIGKILL after `timeout`), then
     stop the server."""
@@ -205,6 +220,13 @@ def _parser() -> argparse.ArgumentParser:
         help="address of the metrics endpoint (default: %(default)s)",
     )
     parser.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 alone, plaintext, on this port of --host (for "
+        "probes that cannot do TLS, e.g. Kubernetes gRPC probes)",
+    )
+    parser.add_argument(
         "--log-format",
         default="text",
         choices=["text", "json"],
@@ -241,7 +263,7 @@ async def _serve(args: argparse.Namespace) -> int:
         allowed_entrypoints=args.allow_entrypoint,
     )
     host = args.host
-    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    address = _join(host, args.port)
     server, port = await create_server(
         address,
         supervisor=supervisor,
@@ -250,14 +272,25 @@ async def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
     )
+    health_server = None
+    if args.health_port is not None:
+        health_address = _join(host, args.health_port)
+        health_server, health_port = await create_health_server(health_address)
+        print(f"health on {host}:{health_port}", file=sys.stderr, flush=True)
     print(f"listening on {host}:{port}", flush=True)
     logger.info("rankd-agent %s serving on %s:%d, logs in %s", __version__, host, port, log_dir)
 
     await stop.wait()
     logger.info("shutting down: stopping every job")
     await stop_server(server, timeout=args.shutdown_timeout)
+    if health_server is not None:
+        await health_server.stop(grace=0.5)
     logger.info("stopped")
     return 0
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _worker_env() -> dict[str, str]:

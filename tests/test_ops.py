@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import AGENT_BIN, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.rankd.v1 import agent_pb2 as pb
@@ -130,3 +131,41 @@ def test_json_log_records_carry_job_and_rank(observed: ObservedAgent) -> None:
     failed = [r for r in about_job if "failed" in r["message"] and r["level"] == "WARNING"]
     assert failed and failed[0]["local_rank"] == 1 and failed[0]["restart_count"] == 0
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+
+
+def test_plaintext_health_port_beside_a_token_agent(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-long-enough-token-0123456789")
+    token.chmod(0o600)
+    proc = subprocess.Popen(
+        [
+            AGENT_BIN,
+            "--port",
+            "0",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--token-file",
+            str(token),
+            "--health-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        health_line = proc.stderr.readline()
+        assert health_line.startswith("health on "), health_line
+        assert proc.stdout.readline().startswith("listening on ")
+        with grpc.insecure_channel(health_line.split()[-1]) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="rankd.v1.NodeAgent"), timeout=5
+            )
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:  # nothing else is served there
+                agent_pb2_grpc.NodeAgentStub(channel).Info(pb.InfoRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
