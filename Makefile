@@ -29,6 +29,9 @@ lint: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
+soak: install
+	$(BIN)/python -m pytest -q -m soak
+
 bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -162,7 +162,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--max-jobs", type=int, default=1000, help="jobs held at once (default: %(default)s)"
+        "--max-jobs",
+        type=int,
+        default=1000,
+        help="jobs held in memory; past that, the job that ended longest ago is forgotten "
+        "(its logs and job.json stay on disk) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-nprocs",

@@ -240,7 +240,8 @@ class Supervisor:
     def _restore(self) -> None:
         """Load the jobs recorded under the log dir by an earlier agent. An attempt that
         was running when that agent died is reported FAILED, never RUNNING."""
-        for run_dir, data in store.load_job_files(self.log_dir):
+        # the newest max_jobs records; older ones stay on disk, unserved
+        for run_dir, data in store.load_job_files(self.log_dir)[-self._max_jobs :]:
             try:
                 job = Job(data["job_id"], run_dir)
                 for item in data["attempts"]:
@@ -308,10 +309,10 @@ class Supervisor:
                         f"job {spec.job_id!r} attempt {current.restart_count} is still running; "
                         "kill it before starting the next attempt"
                     )
-            elif len(self._jobs) >= self._max_jobs:
+            elif len(self._jobs) >= self._max_jobs and not self._forget_oldest_ended():
                 raise LimitExceeded(
-                    f"this agent holds {len(self._jobs)} jobs, its limit; "
-                    "restart it with a higher --max-jobs"
+                    f"this agent runs {len(self._jobs)} jobs, its limit (--max-jobs); "
+                    "wait for one to end or kill one"
                 )
             running = sum(len([r for r in a.ranks if r.alive]) for a in self._current_attempts())
             if running + spec.nprocs > self._max_running_ranks:
@@ -326,6 +327,19 @@ class Supervisor:
             job.attempts.append(attempt)
             self._record(job)
             return job, True
+
+    def _forget_oldest_ended(self) -> bool:
+        """Drop the job that ended longest ago from memory (its files and job.json stay on
+        disk), so a long-lived agent holds at most max_jobs jobs. False if all run."""
+        ended = [j for j in self._jobs.values() if j.current.ended]
+        if not ended:
+            return False
+        oldest = min(ended, key=lambda j: j.current.end_time)
+        del self._jobs[oldest.job_id]
+        logger.info(
+            "forgetting job %s (ended longest ago) to stay within --max-jobs", oldest.job_id
+        )
+        return True
 
     def _current_attempts(self) -> list[Attempt]:
         return [j.current for j in self._jobs.values()]

@@ -215,3 +215,17 @@ def test_rank_whose_log_file_is_deleted_and_closed_stdout(
     texts = sorted((ln.local_rank, ln.text) for ln in _lines(agent, "odd", follow=True))
     assert (0, "before close") in texts and (0, "still alive") in texts
     assert os.path.exists(status.ranks[0].stdout_path)
+
+
+def test_max_jobs_forgets_the_oldest_ended_jobs(tmp_path: Path) -> None:
+    agent = start_agent(tmp_path / "logs", "--max-jobs", "3")
+    try:
+        for i in range(5):
+            spec = pb.JobSpec(job_id=f"old-{i}", nprocs=1, entrypoint="/bin/true")
+            agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)
+            _lines(agent, f"old-{i}", follow=True)
+        held = [j.job_id for j in agent.stub.List(pb.ListRequest(), timeout=5).jobs]
+        assert held == ["old-2", "old-3", "old-4"]
+        assert len(list((tmp_path / "logs").iterdir())) == 5  # nothing deleted on disk
+    finally:
+        agent.stop()
