@@ -95,14 +95,15 @@ class _StreamState:
         self.job_id = job_id
         self.follow = follow
         self.ranks = list(ranks)
-        self.streams = [stream_kind(s) for s in streams]
+        self.streams: list[Any] = [stream_kind(s) for s in streams]
         self.contains = contains
         self.regex = regex
         self.restart_count = restart_count
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.retries = retries
         self.retries_left = retries
         self.attempt = 0
-        self.offsets: dict[tuple[int, int], int] = {
+        self.offsets: dict[tuple[int, Any], int] = {
             (c.local_rank, c.stream): c.offset for c in resume
         }
         self.pending: deque[Any] = deque()
@@ -139,8 +140,9 @@ class _StreamState:
         for line in resp.lines:
             self.offsets[(line.local_rank, line.stream)] = line.offset
             self.pending.append(line)
-        if resp.lines:
-            self.attempt = 0
+        # An answer means the connection works again: the retry budget is per outage.
+        self.attempt = 0
+        self.retries_left = self.retries
         if resp.end:
             self.final = resp.job
             self.done = True
@@ -241,8 +243,10 @@ class LogStream(Iterator[Any]):
 class AgentClient:
     """Blocking client of one ``rankd-agent``. Thread-safe; ``close()`` when done.
 
-    ``timeout`` is the deadline of every unary RPC. ``token`` is sent as a bearer
-    token (``authorization`` metadata) when set.
+    ``timeout`` is the deadline of every unary RPC (Kill: plus its kill timeout).
+    ``token`` is sent as ``authorization: Bearer <token>`` (agents started with
+    ``--token-file``); ``credentials`` (``grpc.ssl_channel_credentials(...)``)
+    switch the channel to TLS, with a client certificate for mutual TLS.
     """
 
     def __init__(
@@ -251,6 +255,7 @@ class AgentClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         stream_retries: int = DEFAULT_STREAM_RETRIES,
     ) -> None:
         self.address = str(address)
@@ -258,7 +263,11 @@ class AgentClient:
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
         self._metadata = _metadata(token)
-        self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.secure_channel(self.address, credentials, options=_CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        )
         self._stub = agent_pb2_grpc.NodeAgentStub(self._channel)
 
     def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
@@ -354,7 +363,11 @@ class AgentClient:
 
     def _wait_stream(self, job_id: str, timeout: float | None) -> LogStream:
         return self.stream(
-            job_id, follow=True, ranks=[0], streams=["stdout"], regex=_NEVER_MATCHES,
+            job_id,
+            follow=True,
+            ranks=[0],
+            streams=["stdout"],
+            regex=_NEVER_MATCHES,
             timeout=timeout,
         )
 
@@ -417,7 +430,7 @@ class AsyncLogStream(AsyncIterator[Any]):
                     await self._reconnect(None)
             except grpc.RpcError as err:
                 self._call = None
-                if self._closed or err.code() == grpc.StatusCode.CANCELLED:
+                if self._closed:
                     raise StopAsyncIteration from None
                 await self._reconnect(err)
 
@@ -450,6 +463,7 @@ class AsyncAgentClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         stream_retries: int = DEFAULT_STREAM_RETRIES,
     ) -> None:
         self.address = str(address)
@@ -457,14 +471,16 @@ class AsyncAgentClient:
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
         self._metadata = _metadata(token)
-        self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.aio.secure_channel(self.address, credentials, options=_CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        )
         self._stub = agent_pb2_grpc.NodeAgentStub(self._channel)
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(
-                request, timeout=timeout or self.timeout, metadata=self._metadata
-            )
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise agent_error(self.address, err) from err
 
@@ -533,7 +549,11 @@ class AsyncAgentClient:
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Any:
         async with self.stream(
-            job_id, follow=True, ranks=[0], streams=["stdout"], regex=_NEVER_MATCHES,
+            job_id,
+            follow=True,
+            ranks=[0],
+            streams=["stdout"],
+            regex=_NEVER_MATCHES,
             timeout=timeout,
         ) as lines:
             async for _ in lines:
@@ -541,11 +561,10 @@ class AsyncAgentClient:
             return lines.final
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncAgentClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-

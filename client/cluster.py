@@ -16,45 +16,23 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import IO, Any, Generic, TypeVar
+from typing import IO, Any, TypeVar
+
+import grpc
 
 from client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
-from client.errors import ClusterError, RankdError
-from client.launch import (
-    LaunchConfig,
-    LaunchResult,
-    OutputLine,
-    Progress,
-    run_launch,
-)
+from client.errors import RankdError
+from client.launch import run_launch
 from client.nodes import Node, parse_nodes
+from client.results import NodeResult
+from client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress
 
 __all__ = ["AsyncCluster", "Cluster", "NodeResult"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class NodeResult(Generic[T]):
-    """One node's answer to a fanned-out call: ``value`` or ``error``."""
-
-    node: Node
-    node_rank: int
-    value: T | None = None
-    error: RankdError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def unwrap(self) -> T:
-        """The value, or raise the node's error."""
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
 
 
 def _as_node(node: str | Node) -> Node:
@@ -81,6 +59,7 @@ class AsyncCluster:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.nodes = [_as_node(n) for n in nodes]
         if not self.nodes:
@@ -89,7 +68,10 @@ class AsyncCluster:
             raise ValueError("a node appears twice in the cluster")
         self.names = display_names(self.nodes)
         self.timeout = timeout
-        self.clients = [AsyncAgentClient(n, timeout=timeout, token=token) for n in self.nodes]
+        self.clients = [
+            AsyncAgentClient(n, timeout=timeout, token=token, credentials=credentials)
+            for n in self.nodes
+        ]
 
     async def fan_out(
         self, call: Callable[[AsyncAgentClient], Awaitable[T]]
@@ -116,9 +98,9 @@ class AsyncCluster:
         """Every node's jobs."""
         return await self.fan_out(lambda c: c.list())
 
-    async def wait(self, job_id: str, *, timeout: float | None = None) -> builtins.list[
-        NodeResult[Any]
-    ]:
+    async def wait(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> builtins.list[NodeResult[Any]]:
         """Wait until the job has ended on every node; final ``JobStatus`` per node."""
         return await self.fan_out(lambda c: c.wait(job_id, timeout=timeout))
 
@@ -149,7 +131,7 @@ class AsyncCluster:
     ) -> LaunchResult:
         """Run ``cmd`` on every node; see :func:`client.launch.run_launch`.
 
-        ``options`` are the fields of :class:`client.launch.LaunchConfig`
+        ``options`` are the fields of :class:`client.torchrun.LaunchConfig`
         (``nproc_per_node``, ``run_id``, ``max_restarts``, ``redirects``, ``tee``,
         ``local_ranks_filter``, ``log_line_prefix_template``, ``master_addr``,
         ``master_port``, ``role_name``, ``env``, ``cwd``, ``kill_timeout``).
@@ -177,21 +159,14 @@ class AsyncCluster:
         await self.close()
 
 
-def raise_for_errors(action: str, results: Sequence[NodeResult[T]]) -> builtins.list[T]:
-    """The values of ``results``, or a :class:`ClusterError` naming every failed node."""
-    errors = {str(r.node): r.error for r in results if r.error is not None}
-    if errors:
-        raise ClusterError(action, errors, len(results))
-    return [r.unwrap() for r in results]
-
-
 class _LoopThread:
     """An event loop on a daemon thread, and a Ctrl-C-aware way to run on it."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="rankd-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rankd-loop", daemon=True
+        )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], *, cleanup_timeout: float = 60.0) -> T:
@@ -209,7 +184,7 @@ class _LoopThread:
             if t.cancelled():
                 done.cancel()
             elif t.exception() is not None:
-                done.set_exception(t.exception())  # type: ignore[arg-type]
+                done.set_exception(t.exception())
             else:
                 done.set_result(t.result())
 
@@ -222,11 +197,23 @@ class _LoopThread:
                 done.result(timeout=cleanup_timeout)
             except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
                 pass
-            except Exception:  # noqa: BLE001 - the interrupt is what the caller must see
-                pass
+            except Exception:
+                pass  # the interrupt is what the caller must see
             raise
 
     def close(self) -> None:
+        """Cancel what still runs on the loop, then stop and close it."""
+
+        async def drain() -> None:
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_asyncgens()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(drain(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
@@ -246,11 +233,12 @@ class Cluster:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._runner = _LoopThread()
 
         async def make() -> AsyncCluster:
-            return AsyncCluster(nodes, timeout=timeout, token=token)
+            return AsyncCluster(nodes, timeout=timeout, token=token, credentials=credentials)
 
         try:
             self._async = self._runner.run(make())
@@ -273,9 +261,7 @@ class Cluster:
     def list(self) -> builtins.list[NodeResult[builtins.list[Any]]]:
         return self._runner.run(self._async.list())
 
-    def wait(self, job_id: str, *, timeout: float | None = None) -> builtins.list[
-        NodeResult[Any]
-    ]:
+    def wait(self, job_id: str, *, timeout: float | None = None) -> builtins.list[NodeResult[Any]]:
         return self._runner.run(self._async.wait(job_id, timeout=timeout))
 
     def kill(
@@ -333,4 +319,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -10,7 +10,7 @@ Every source yields :class:`Node` objects in order: the order is the node rank
   trailing words such as MPI's ``slots=8`` ignored;
 - ``SLURM_JOB_NODELIST`` as the default source.
 
-IPv6 literals are written in brackets: ``[::1]:50051``.
+IPv6 literals are written in brackets: ``[::1]:29600``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: The port a ``rankd-agent`` is assumed to listen on when a node names none.
-DEFAULT_PORT = 50051
+DEFAULT_PORT = 29600  # rankd-agent's default --port
 
 _MAX_EXPANSION = 100_000
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")

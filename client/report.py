@@ -45,6 +45,8 @@ _MAX_RANGES = 8
 _MAX_HOSTS = 4
 _MAX_TRACE_LINES = 40
 _INDENT = " " * 14
+# The agent's own wording when there is no error file: says nothing the cause doesn't.
+_GENERIC_MESSAGE = re.compile(r"^(Signal \d+|Process \d+ exited with code|exited with code)")
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class RankFailure:
     def summary(self) -> str:
         """One line: the cause, and the error message when there is one."""
         msg = self.message.strip().splitlines()[-1] if self.message.strip() else ""
-        generic = msg.startswith(("Signal ", "exited with code", "Process failed"))
+        generic = _GENERIC_MESSAGE.match(msg) is not None
         return f"{self.cause()}: {msg}" if msg and not generic else self.cause()
 
     def fold_key(self) -> tuple[bool, int, str, str]:
@@ -223,7 +225,7 @@ class FailureReport:
     def format(self) -> str:
         """The report as text: short, whatever the number of ranks."""
         out = ["=" * _WIDTH, self.title()]
-        if self.reason:
+        if self.reason and (self.root_cause is None or self.node_errors):
             out.append(f"reason: {self.reason}")
         if self.root_cause is not None:
             out += ["-" * _WIDTH, "Root Cause (first observed failure):"]
@@ -272,19 +274,17 @@ def _format_root(f: RankFailure) -> list[str]:
     ]
     if f.error_file_problem:
         lines.append(f"  problem   : {f.error_file_problem}")
+    # torch shows the error file's py_callstack; without one, the stderr tail.
     if f.traceback.strip():
         body = f.traceback.rstrip().splitlines()
-        label = "traceback"
     elif f.stderr_tail:
         body = [f.message.strip(), "stderr (last lines):", *f.stderr_tail]
-        label = "traceback"
     else:
         body = [f.message.strip() or f.cause()]
-        label = "traceback"
     if len(body) > _MAX_TRACE_LINES:
         cut = len(body) - _MAX_TRACE_LINES
         body = [f"... ({cut} lines cut)", *body[-_MAX_TRACE_LINES:]]
-    lines.append(f"  {label} : {body[0]}")
+    lines.append(f"  traceback : {body[0]}")
     lines += [f"{_INDENT}{line}" for line in body[1:]]
     return lines
 
@@ -326,7 +326,7 @@ def build_report(
     ]
     failures.sort(key=lambda f: (f.time, f.global_rank))
     own = [f for f in failures if not f.terminated]
-    root = (own or failures or [None])[0]
+    root: RankFailure | None = own[0] if own else (failures[0] if failures else None)
     close_call = None
     if root is not None:
         failures.remove(root)

@@ -1,0 +1,259 @@
+"""``rankd status``, ``rankd logs`` and ``rankd kill``: look at and stop a job.
+
+Shared with :mod:`client.cli`: the exit codes, one-line errors, node lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from client.cluster import AsyncCluster, Cluster
+from client.errors import JobNotFound, RankdError
+from client.nodes import Node, resolve_nodes
+from client.report import NodeView, build_report, format_ranks
+from client.results import NodeResult
+from protos.rankd.v1 import agent_pb2
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "cmd_kill",
+    "cmd_logs",
+    "cmd_status",
+    "connection",
+    "error",
+    "node_list",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+def error(message: str) -> None:
+    print(f"rankd: error: {message}", file=sys.stderr, flush=True)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise RankdError(f"cannot read {what} {path}: {err.strerror or err}") from None
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """Cluster keyword arguments from --timeout, --token-file and --tls-*."""
+    token = None
+    if args.token_file:
+        token = _read(args.token_file, "token file").decode(errors="replace").strip()
+        if not token:
+            raise RankdError(f"token file {args.token_file} is empty")
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise RankdError("a client certificate needs both --tls-cert and --tls-key")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(args.tls_ca, "CA file") if args.tls_ca else None,
+            private_key=_read(args.tls_key, "key file") if args.tls_key else None,
+            certificate_chain=_read(args.tls_cert, "certificate file") if args.tls_cert else None,
+        )
+    return {"timeout": args.timeout, "token": token, "credentials": credentials}
+
+
+def node_list(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Node]:
+    return resolve_nodes(
+        nodes=args.nodes, hostfile=args.hostfile, environ=environ, default_port=args.port
+    )
+
+
+# -- status --------------------------------------------------------------------
+
+
+def _state(status: Any) -> str:
+    return str(agent_pb2.JobState.Name(status.state))
+
+
+def _overall(states: Sequence[str]) -> str:
+    for state in ("FAILED", "KILLED", "RUNNING"):
+        if state in states:
+            return state
+    return "SUCCEEDED" if states else "UNKNOWN"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _rank_line(status: Any, rank: Any) -> str:
+    offset = status.spec.rank_offset
+    state = str(agent_pb2.RankState.Name(rank.state)).removeprefix("RANK_")
+    text = (
+        f"    rank {offset + rank.local_rank} (local {rank.local_rank}): {state:<10} pid {rank.pid}"
+    )
+    if rank.HasField("exit_code"):
+        text += f"  exit {rank.exit_code}"
+        if rank.signal_name:
+            text += f" ({rank.signal_name})"
+    if rank.state == agent_pb2.RANK_RUNNING:
+        text += f"  rss {_mib(rank.rss_bytes)}  cpu {rank.cpu_seconds:.1f}s"
+    return text
+
+
+def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    nodes = node_list(args, environ)
+    with Cluster(nodes, **connection(args)) as cluster:
+        if args.run_id is None:
+            return _list_jobs(cluster.list(), cluster.names)
+        results = cluster.poll(args.run_id)
+        clocks = [c.clock.best for c in cluster.clients]
+    found = [r for r in results if r.ok]
+    if not found:
+        return _not_found(args.run_id, results)
+    statuses = [r.unwrap() for r in found]
+    world = sum(s.nprocs for s in statuses)
+    attempt = max(s.restart_count for s in statuses)
+    overall = _overall([_state(s) for s in statuses])
+    where = f"{world} ranks on {len(found)} node{'s' * (len(found) != 1)}"
+    print(f"job {args.run_id}: {overall}, attempt {attempt}, {where}")
+    views: list[tuple[NodeView, Any]] = []
+    for result in results:
+        name = cluster.names[result.node_rank]
+        if not result.ok:
+            print(f"  node {name}: {result.error}")
+            continue
+        status = result.unwrap()
+        offset, nprocs = status.spec.rank_offset, status.nprocs
+        node_rank = offset // nprocs if nprocs else result.node_rank
+        ranks = format_ranks(range(offset, offset + nprocs))
+        reason = f" ({status.reason})" if status.reason else ""
+        print(
+            f"  node {name} (node rank {node_rank}, global ranks {ranks}): {_state(status)}{reason}"
+        )
+        for rank in status.ranks:
+            print(_rank_line(status, rank))
+        view = NodeView(str(result.node), name, node_rank, offset, clocks[result.node_rank])
+        views.append((view, status))
+    if any(status.failures for _, status in views):
+        report = build_report(args.run_id, views, world_size=world, restart_count=attempt)
+        print(report.format())
+    return EXIT_OK
+
+
+def _not_found(run_id: str, results: Sequence[NodeResult[Any]]) -> int:
+    if all(isinstance(r.error, JobNotFound) for r in results):
+        error(f"job {run_id} not found on any of the {len(results)} nodes")
+    else:
+        for r in results:
+            if not isinstance(r.error, JobNotFound):
+                error(str(r.error))
+    return EXIT_USAGE
+
+
+def _list_jobs(results: Sequence[NodeResult[list[Any]]], names: Sequence[str]) -> int:
+    jobs: dict[str, list[Any]] = {}
+    failed = False
+    for result in results:
+        if not result.ok:
+            error(str(result.error))
+            failed = True
+            continue
+        for status in result.unwrap():
+            jobs.setdefault(status.job_id, []).append(status)
+    print(f"{'JOB':<24} {'STATE':<10} {'ATTEMPT':>7} {'NODES':>5} {'RANKS':>6}  STARTED")
+    for job_id, statuses in jobs.items():
+        started = min(s.start_time for s in statuses)
+        when = datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S") if started else "-"
+        print(
+            f"{job_id:<24} {_overall([_state(s) for s in statuses]):<10} "
+            f"{max(s.restart_count for s in statuses):>7} {len(statuses):>5} "
+            f"{sum(s.nprocs for s in statuses):>6}  {when}"
+        )
+    return EXIT_USAGE if failed and not jobs else EXIT_OK
+
+
+# -- logs ----------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    nodes = node_list(args, environ)
+    return asyncio.run(_logs(args, nodes))
+
+
+async def _logs(args: argparse.Namespace, nodes: Sequence[Node]) -> int:
+    async with AsyncCluster(nodes, **connection(args)) as cluster:
+        results = await cluster.poll(args.run_id)
+        if not any(r.ok for r in results):
+            return _not_found(args.run_id, results)
+        streams = ["stdout"] if args.stdout else ["stderr"] if args.stderr else []
+        wanted = set(args.ranks) if args.ranks is not None else None
+        plans: list[tuple[int, list[int]]] = []
+        for result in results:
+            if not result.ok:
+                if not isinstance(result.error, JobNotFound):
+                    error(str(result.error))
+                continue
+            status = result.unwrap()
+            offset = status.spec.rank_offset
+            local = [r for r in range(status.nprocs) if wanted is None or offset + r in wanted]
+            if local:
+                plans.append((result.node_rank, local))
+
+        async def show(node_rank: int, local: list[int]) -> None:
+            client = cluster.clients[node_rank]
+            async with client.stream(
+                args.run_id,
+                follow=args.follow,
+                ranks=local,
+                streams=streams,
+                contains=args.grep,
+                restart_count=args.attempt,
+            ) as lines:
+                async for line in lines:
+                    sys.stdout.write(f"{line.prefix}{line.text}\n")
+                sys.stdout.flush()
+
+        if args.follow:
+            await asyncio.gather(*(show(n, local) for n, local in plans))
+        else:
+            for n, local in plans:
+                await show(n, local)
+    return EXIT_OK
+
+
+# -- kill ----------------------------------------------------------------------
+
+
+def cmd_kill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    nodes = node_list(args, environ)
+    with Cluster(nodes, **connection(args)) as cluster:
+        results = cluster.kill(
+            args.run_id, signal=args.signal, timeout=args.grace, escalate=not args.no_escalate
+        )
+        names = cluster.names
+    if not any(r.ok for r in results):
+        return _not_found(args.run_id, results)
+    code = EXIT_OK
+    for result in results:
+        name = names[result.node_rank]
+        if isinstance(result.error, JobNotFound):
+            print(f"{name}: job not found")
+        elif result.error is not None:
+            error(str(result.error))
+            code = EXIT_USAGE
+        else:
+            status = result.unwrap()
+            print(f"{name}: {_state(status)} ({status.nprocs} ranks)")
+    return code

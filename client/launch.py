@@ -1,0 +1,451 @@
+"""One job across many agents, as torchrun runs one across many processes.
+
+- Global ranks node by node: ``RANK = node_rank * nproc_per_node + local_rank``,
+  and the whole torchrun environment on every rank (:func:`torchrun_env`).
+- Merged live logs: every node's lines, prefixed with the global rank
+  (template ``[${role_name}${rank}]:`` unless another is given; placeholders
+  ``${rank}``, ``${local_rank}``, ``${role_name}``, ``${host}``). stdout lines
+  go to stdout, stderr lines to stderr; ``redirects`` hides a rank's stream
+  from the terminal unless ``tee`` shows it; ``local_ranks_filter`` limits the
+  terminal to some local ranks. Every line stays in the agents' log files.
+- All-or-nothing: the first failure on any node (a failed rank, a lost agent)
+  kills the job on every node (SIGTERM, SIGKILL after ``kill_timeout``).
+- ``max_restarts``: a failed attempt is stopped everywhere and attempt
+  ``restart_count + 1`` starts on every node, up to ``max_restarts`` times.
+- Failure: :class:`client.errors.JobFailed` with the :mod:`client.report`.
+- Cancellation (Ctrl-C): the job is killed on every node, then the
+  cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from string import Template
+from typing import IO, TYPE_CHECKING, Any
+
+from client.errors import AgentError, ClusterError, JobFailed, JobNotFound, RankdError
+from client.report import FailureReport, NodeView, RankFailure, build_report
+from client.results import raise_for_errors
+from client.torchrun import (
+    DEFAULT_PREFIX_TEMPLATE,
+    LaunchConfig,
+    LaunchResult,
+    OutputLine,
+    Progress,
+    new_run_id,
+    parse_std,
+    torchrun_env,
+)
+from protos.rankd.v1 import agent_pb2
+
+if TYPE_CHECKING:
+    from client.cluster import AsyncCluster
+
+__all__ = ["run_launch"]
+
+logger = logging.getLogger(__name__)
+
+# Consecutive failed Polls after which a node counts as lost.
+_LOST_AFTER = 3
+_STD_BITS = {"stdout": 1, "stderr": 2}
+
+
+class _Launch:
+    """The state of one ``launch`` call."""
+
+    def __init__(
+        self,
+        cluster: AsyncCluster,
+        config: LaunchConfig,
+        *,
+        on_line: Callable[[OutputLine], None] | None,
+        on_event: Callable[[str], None] | None,
+        on_progress: Callable[[Progress], None] | None,
+        progress_interval: float,
+        stdout: IO[str] | None,
+        stderr: IO[str] | None,
+    ) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.run_id = config.run_id or new_run_id()
+        self.nnodes = len(cluster.nodes)
+        self.world_size = self.nnodes * config.nproc_per_node
+        self.template = config.log_line_prefix_template or DEFAULT_PREFIX_TEMPLATE
+        self._on_line = on_line
+        self._on_event = on_event
+        self.on_progress = on_progress
+        self.interval = progress_interval if on_progress else 2.0
+        self._stdout = stdout
+        self._stderr = stderr
+        self._redirects = parse_std(config.redirects, "redirects")
+        self._tee = parse_std(config.tee, "tee")
+        self._prefixes: dict[tuple[int, int], str] = {}
+
+    # -- output ---------------------------------------------------------------
+
+    def event(self, message: str) -> None:
+        if self._on_event is not None:
+            self._on_event(message)
+        else:
+            logger.info("%s", message)
+
+    def visible(self, local_rank: int, stream: str) -> bool:
+        """Does this rank's stream reach the terminal? (torchrun's rules)"""
+        ranks = self.config.local_ranks_filter
+        if ranks and local_rank not in ranks:
+            return False
+        bit = _STD_BITS[stream]
+        return not self._redirects(local_rank) & bit or bool(self._tee(local_rank) & bit)
+
+    def prefix(self, node_rank: int, local_rank: int) -> str:
+        key = (node_rank, local_rank)
+        if key not in self._prefixes:
+            self._prefixes[key] = Template(self.template).safe_substitute(
+                role_name=self.config.role_name,
+                rank=node_rank * self.config.nproc_per_node + local_rank,
+                local_rank=local_rank,
+                host=self.cluster.names[node_rank],
+            )
+        return self._prefixes[key]
+
+    def emit(self, node_rank: int, line: Any, restart_count: int) -> None:
+        stream = "stderr" if line.stream == agent_pb2.STDERR else "stdout"
+        if not self.visible(line.local_rank, stream):
+            return
+        prefix = self.prefix(node_rank, line.local_rank)
+        if self._on_line is not None:
+            self._on_line(
+                OutputLine(
+                    host=self.cluster.names[node_rank],
+                    node_rank=node_rank,
+                    global_rank=node_rank * self.config.nproc_per_node + line.local_rank,
+                    local_rank=line.local_rank,
+                    stream=stream,
+                    text=line.text,
+                    prefix=prefix,
+                    partial=line.partial,
+                    restart_count=restart_count,
+                )
+            )
+            return
+        out = (self._stderr or sys.stderr) if stream == "stderr" else (self._stdout or sys.stdout)
+        out.write(f"{prefix}{line.text}\n")
+        out.flush()
+
+    # -- specs ----------------------------------------------------------------
+
+    def spec(self, node_rank: int, restart_count: int, master_addr: str, port: int) -> Any:
+        cfg = self.config
+        common, per_rank = torchrun_env(
+            node_rank=node_rank,
+            nnodes=self.nnodes,
+            nproc_per_node=cfg.nproc_per_node,
+            master_addr=master_addr,
+            master_port=port,
+            run_id=self.run_id,
+            restart_count=restart_count,
+            max_restarts=cfg.max_restarts,
+            role_name=cfg.role_name,
+            env=cfg.env,
+        )
+        spec = agent_pb2.JobSpec(
+            job_id=self.run_id,
+            nprocs=cfg.nproc_per_node,
+            entrypoint=cfg.cmd[0],
+            args=list(cfg.cmd[1:]),
+            env=common,
+            cwd=cfg.cwd,
+            role_name=cfg.role_name,
+            restart_count=restart_count,
+            redirects=cfg.redirects,
+            tee=cfg.tee,
+            local_ranks_filter=list(cfg.local_ranks_filter),
+            # ${host} is ours; the agent renders the rest the same way.
+            log_line_prefix_template=self.template.replace(
+                "${host}", self.cluster.names[node_rank]
+            ),
+            rank_offset=node_rank * cfg.nproc_per_node,
+            kill_timeout=cfg.kill_timeout,
+        )
+        for local_rank, env in per_rank.items():
+            spec.rank_env[local_rank].env.update(env)
+        return spec
+
+    def stream_filter(self) -> dict[str, Any]:
+        streams = [
+            s
+            for s in ("stdout", "stderr")
+            if any(self.visible(r, s) for r in range(self.config.nproc_per_node))
+        ]
+        if not streams:  # nothing for the terminal: follow only for the end
+            return {"ranks": [0], "streams": ["stdout"], "regex": "(?!)"}
+        return {"ranks": list(self.config.local_ranks_filter), "streams": streams}
+
+    # -- the run ----------------------------------------------------------------
+
+    async def run(self) -> LaunchResult:
+        infos = raise_for_errors("cannot reach every node", await self.cluster.info())
+        await self.cluster.info()  # a second round trip: a tighter clock estimate
+        master_addr = self.config.master_addr or self.cluster.nodes[0].host
+        restart_count = 0
+        try:
+            while True:
+                port = self.config.master_port or infos[0].free_port
+                statuses, report = await self.attempt(restart_count, master_addr, port)
+                if report is None:
+                    self.event(f"job {self.run_id} succeeded (attempt {restart_count})")
+                    return LaunchResult(self.run_id, restart_count, self.world_size, statuses)
+                if restart_count >= self.config.max_restarts or report.node_errors:
+                    raise JobFailed(report)
+                restart_count += 1
+                self.event(
+                    f"attempt {restart_count - 1} failed ({_root_line(report)}); restarting "
+                    f"(restart {restart_count} of {self.config.max_restarts})"
+                )
+                if self.config.master_port is None:
+                    fresh = await self.cluster.info()
+                    if fresh[0].ok:
+                        infos[0] = fresh[0].unwrap()
+        except asyncio.CancelledError:
+            self.event(f"interrupted: killing job {self.run_id} on {self.nnodes} nodes")
+            await asyncio.shield(self.kill_everywhere())
+            raise
+
+    async def kill_everywhere(self, only: Sequence[int] | None = None) -> None:
+        """Kill the job on every node (or the node ranks in ``only``); report, not
+        raise, the nodes where that failed."""
+        ranks = range(self.nnodes) if only is None else only
+
+        async def one(i: int) -> None:
+            client = self.cluster.clients[i]
+            try:
+                await client.kill(self.run_id, timeout=self.config.kill_timeout)
+            except JobNotFound:
+                pass
+            except RankdError as err:
+                self.event(f"could not kill job {self.run_id} on {self.cluster.names[i]}: {err}")
+
+        await asyncio.gather(*(one(i) for i in ranks))
+
+    async def start(self, restart_count: int, master_addr: str, port: int) -> list[Any]:
+        specs = [self.spec(i, restart_count, master_addr, port) for i in range(self.nnodes)]
+
+        async def one(i: int) -> Any:
+            return await self.cluster.clients[i].start(specs[i])
+
+        results = await asyncio.gather(
+            *(one(i) for i in range(self.nnodes)), return_exceptions=True
+        )
+        errors: dict[str, Exception] = {}
+        created: list[int] = []
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, RankdError):
+                    raise result
+                errors[str(self.cluster.nodes[i])] = result
+            elif result.created:
+                created.append(i)
+            else:  # the id names a job that was already there: not ours to follow
+                errors[str(self.cluster.nodes[i])] = RankdError(
+                    f"{self.cluster.nodes[i]}: job id {self.run_id!r} is already in use "
+                    f"(attempt {result.job.restart_count}); choose another run id"
+                )
+        if errors:
+            # Stop only what this call started: a clash must not kill another job.
+            await self.kill_everywhere(only=created)
+            raise ClusterError(f"cannot start job {self.run_id}", errors, self.nnodes)
+        return [r.job for r in results]  # type: ignore[union-attr]
+
+    async def attempt(
+        self, restart_count: int, master_addr: str, port: int
+    ) -> tuple[tuple[Any, ...], FailureReport | None]:
+        """Run one attempt everywhere; (final statuses, report or None on success)."""
+        self.event(
+            f"attempt {restart_count}: starting job {self.run_id}, {self.world_size} ranks on "
+            f"{self.nnodes} nodes (MASTER_ADDR={master_addr} MASTER_PORT={port})"
+        )
+        await self.start(restart_count, master_addr, port)
+        run = _Attempt(self, restart_count)
+        return await run.run()
+
+
+class _Attempt:
+    """Following, watching and (on failure) stopping one attempt on every node."""
+
+    def __init__(self, launch: _Launch, restart_count: int) -> None:
+        self.launch = launch
+        self.cluster = launch.cluster
+        self.restart_count = restart_count
+        n = launch.nnodes
+        self.finals: list[Any] = [None] * n
+        self.lost: dict[int, str] = {}
+        self.failed = asyncio.Event()
+        self.first_failure: str | None = None
+
+    def fail(self, why: str) -> None:
+        if not self.failed.is_set():
+            self.first_failure = why
+            self.launch.event(f"{why}; stopping job {self.launch.run_id} on every node")
+            self.failed.set()
+
+    async def follow(self, i: int) -> None:
+        client = self.cluster.clients[i]
+        name = self.cluster.names[i]
+        try:
+            async with client.stream(
+                self.launch.run_id,
+                follow=True,
+                restart_count=self.restart_count,
+                **self.launch.stream_filter(),
+            ) as lines:
+                async for line in lines:
+                    self.launch.emit(i, line, self.restart_count)
+                self.finals[i] = lines.final
+        except AgentError as err:
+            self.lost.setdefault(i, str(err))
+            self.fail(f"node {name} lost: {err}")
+            return
+        except Exception as err:
+            self.fail(f"error while following {name}: {err!r}")
+            raise
+        final = self.finals[i]
+        if final.state != agent_pb2.SUCCEEDED:
+            self.fail(self.describe_end(i, final))
+
+    def describe_end(self, i: int, final: Any) -> str:
+        """``global rank 3 on host02 failed: exit code 1`` (or the job's reason)."""
+        name = self.cluster.names[i]
+        own = [f for f in final.failures if not f.terminated_by_agent]
+        if own:
+            view = NodeView(
+                str(self.cluster.nodes[i]), name, i, i * self.launch.config.nproc_per_node
+            )
+            failure = RankFailure.from_proto(own[0], view)
+            return f"global rank {failure.global_rank} on {name} failed: {failure.summary()}"
+        state = agent_pb2.JobState.Name(final.state)
+        return f"job {state} on {name}" + (f" ({final.reason})" if final.reason else "")
+
+    async def watch(self, followers: list[asyncio.Task[None]]) -> None:
+        """Poll every node: progress, clock samples, and lost-node detection."""
+        misses = [0] * self.launch.nnodes
+        while True:
+            await asyncio.sleep(self.launch.interval)
+            results = await self.cluster.poll(self.launch.run_id)
+            counts = dict.fromkeys(range(5), 0)
+            for i, result in enumerate(results):
+                if result.error is None:
+                    misses[i] = 0
+                    for rank in result.unwrap().ranks:
+                        counts[rank.state] = counts.get(rank.state, 0) + 1
+                    continue
+                misses[i] += 1
+                if misses[i] >= _LOST_AFTER and not followers[i].done():
+                    self.lost[i] = f"not answering: {result.error}"
+                    followers[i].cancel()
+                    self.fail(f"node {self.cluster.names[i]} lost: {result.error}")
+            if self.launch.on_progress is not None:
+                self.launch.on_progress(
+                    Progress(
+                        restart_count=self.restart_count,
+                        world_size=self.launch.world_size,
+                        running=counts[agent_pb2.RANK_RUNNING],
+                        succeeded=counts[agent_pb2.RANK_SUCCEEDED],
+                        failed=counts[agent_pb2.RANK_FAILED],
+                        terminated=counts[agent_pb2.RANK_TERMINATED],
+                        unreachable_nodes=sum(1 for m in misses if m),
+                    )
+                )
+
+    async def stop_on_failure(self) -> None:
+        await self.failed.wait()
+        await self.launch.kill_everywhere()
+
+    async def run(self) -> tuple[tuple[Any, ...], FailureReport | None]:
+        n = self.launch.nnodes
+        followers = [asyncio.create_task(self.follow(i)) for i in range(n)]
+        watcher = asyncio.create_task(self.watch(followers))
+        stopper = asyncio.create_task(self.stop_on_failure())
+        try:
+            outcomes = await asyncio.gather(*followers, return_exceptions=True)
+            if self.failed.is_set():
+                await stopper
+            for outcome in outcomes:  # a bug (e.g. in on_line) is not a node failure
+                if isinstance(outcome, Exception):
+                    await self.launch.kill_everywhere()
+                    raise outcome
+        finally:
+            for task in (*followers, watcher, stopper):
+                task.cancel()
+        # Final polls: a last clock sample, and the status of nodes whose stream broke.
+        for i, result in enumerate(await self.cluster.poll(self.launch.run_id)):
+            if self.finals[i] is None and result.ok:
+                status = result.unwrap()
+                if status.restart_count == self.restart_count:
+                    self.finals[i] = status
+        statuses = tuple(self.finals)
+        if not self.lost and all(s.state == agent_pb2.SUCCEEDED for s in statuses):
+            return statuses, None
+        return statuses, self.report()
+
+    def report(self) -> FailureReport:
+        views = [
+            NodeView(
+                address=str(node),
+                name=self.cluster.names[i],
+                node_rank=i,
+                rank_offset=i * self.launch.config.nproc_per_node,
+                clock=self.cluster.clients[i].clock.best,
+            )
+            for i, node in enumerate(self.cluster.nodes)
+        ]
+        return build_report(
+            self.launch.run_id,
+            list(zip(views, self.finals, strict=True)),
+            world_size=self.launch.world_size,
+            restart_count=self.restart_count,
+            node_errors=[(self.cluster.names[i], err) for i, err in sorted(self.lost.items())],
+            reason=self.first_failure or "",
+        )
+
+
+def _root_line(report: FailureReport) -> str:
+    root = report.root_cause
+    if root is None:
+        return report.reason or "no failure recorded"
+    return f"global rank {root.global_rank} on {root.node}: {root.summary()}"
+
+
+async def run_launch(
+    cluster: AsyncCluster,
+    config: LaunchConfig,
+    *,
+    on_line: Callable[[OutputLine], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 1.0,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> LaunchResult:
+    """Run one job on every node of ``cluster`` until it succeeds or gives up.
+
+    ``on_line`` gets every terminal-visible :class:`OutputLine` (default: write
+    ``prefix + text`` to ``stdout``/``stderr``, the process's own by default);
+    ``on_event`` one-line notices (attempt started, failure, restart; default:
+    the module logger); ``on_progress`` a :class:`Progress` every
+    ``progress_interval`` seconds. Raises ``ClusterError`` when a node cannot
+    be reached or refuses the job, ``JobFailed`` when the job failed.
+    """
+    launch = _Launch(
+        cluster,
+        config,
+        on_line=on_line,
+        on_event=on_event,
+        on_progress=on_progress,
+        progress_interval=progress_interval,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    return await launch.run()

@@ -1,0 +1,214 @@
+"""The torchrun side of a launch: its settings, its environment, its Std values.
+
+:class:`LaunchConfig` holds what ``torchrun`` takes as flags; :func:`torchrun_env`
+is the environment torchrun gives every worker; :func:`parse_std` reads torch's
+``Std`` syntax for redirects and tee. Pure data and functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from string import Template
+from typing import Any
+
+__all__ = [
+    "DEFAULT_PREFIX_TEMPLATE",
+    "LaunchConfig",
+    "LaunchResult",
+    "OutputLine",
+    "Progress",
+    "new_run_id",
+    "parse_std",
+    "torchrun_env",
+]
+
+#: torch's TailLog header, but with the global rank: ``[default5]:``.
+DEFAULT_PREFIX_TEMPLATE = "[${role_name}${rank}]:"
+
+
+def parse_std(value: str, what: str = "redirects") -> Callable[[int], int]:
+    """torch's ``Std`` syntax -> local rank -> bit mask (1 stdout, 2 stderr).
+
+    ``"0"`` none, ``"1"`` stdout, ``"2"`` stderr, ``"3"`` both, for every rank;
+    or a map ``"0:3,1:1"`` (ranks not named get 0).
+    """
+    text = value.strip() or "0"
+
+    def level(item: str) -> int:
+        if item not in {"0", "1", "2", "3"}:
+            raise ValueError(f"bad {what} value {item!r}: use 0-3 or a map like 0:3,1:0")
+        return int(item)
+
+    if ":" not in text:
+        bits = level(text)
+        return lambda _rank: bits
+    table: dict[int, int] = {}
+    for pair in text.split(","):
+        rank, sep, item = pair.strip().partition(":")
+        if not sep or not rank.strip().isdigit():
+            raise ValueError(f"bad {what} map entry {pair!r}: expected LOCAL_RANK:0-3")
+        table[int(rank)] = level(item.strip())
+    return lambda rank: table.get(rank, 0)
+
+
+_TEMPLATE_FIELDS = {"role_name", "rank", "local_rank", "host"}
+
+
+def _check_template(template: str | None) -> None:
+    if not template:
+        return
+    names = {
+        m.group("named") or m.group("braced")
+        for m in Template.pattern.finditer(template)
+        if m.group("named") or m.group("braced")
+    }
+    if names - _TEMPLATE_FIELDS:
+        raise ValueError(
+            f"log_line_prefix_template: unknown placeholder(s) {sorted(names - _TEMPLATE_FIELDS)};"
+            " use ${role_name}, ${rank}, ${local_rank}, ${host}"
+        )
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything ``launch`` needs besides the nodes. ``cmd[0]`` is the executable
+    (absolute path or a name on the agent's PATH, e.g. ``python3``), the rest
+    its arguments."""
+
+    cmd: tuple[str, ...]
+    nproc_per_node: int = 1
+    run_id: str | None = None
+    max_restarts: int = 0
+    redirects: str = "0"
+    tee: str = "0"
+    local_ranks_filter: Sequence[int] = ()
+    log_line_prefix_template: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    role_name: str = "default"
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    kill_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.cmd or not self.cmd[0]:
+            raise ValueError("no command to launch")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1, not {self.nproc_per_node}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, not {self.max_restarts}")
+        if self.kill_timeout < 0:
+            raise ValueError(f"kill_timeout must be >= 0, not {self.kill_timeout}")
+        if any(r < 0 or r >= self.nproc_per_node for r in self.local_ranks_filter):
+            raise ValueError(
+                f"local_ranks_filter {list(self.local_ranks_filter)} names ranks outside "
+                f"0-{self.nproc_per_node - 1}"
+            )
+        _check_template(self.log_line_prefix_template)
+        parse_std(self.redirects, "redirects")
+        parse_std(self.tee, "tee")
+        object.__setattr__(self, "cmd", tuple(self.cmd))
+        object.__setattr__(self, "local_ranks_filter", tuple(self.local_ranks_filter))
+        object.__setattr__(self, "env", dict(self.env))
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """One line of one rank, as ``launch`` hands it to ``on_line``."""
+
+    host: str
+    node_rank: int
+    global_rank: int
+    local_rank: int
+    stream: str
+    """``"stdout"`` or ``"stderr"``."""
+    text: str
+    prefix: str
+    partial: bool
+    restart_count: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of ranks by state across the cluster, for a live status line."""
+
+    restart_count: int
+    world_size: int
+    running: int
+    succeeded: int
+    failed: int
+    terminated: int
+    unreachable_nodes: int
+
+    def line(self) -> str:
+        text = (
+            f"attempt {self.restart_count}: {self.world_size} ranks: {self.running} running, "
+            f"{self.succeeded} done, {self.failed} failed"
+        )
+        if self.terminated:
+            text += f", {self.terminated} terminated"
+        if self.unreachable_nodes:
+            text += f", {self.unreachable_nodes} nodes not answering"
+        return text
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """A job that succeeded: its id, the attempt that did, each node's final status."""
+
+    job_id: str
+    restart_count: int
+    world_size: int
+    statuses: tuple[Any, ...]
+
+
+def torchrun_env(
+    *,
+    node_rank: int,
+    nnodes: int,
+    nproc_per_node: int,
+    master_addr: str,
+    master_port: int,
+    run_id: str,
+    restart_count: int,
+    max_restarts: int,
+    role_name: str = "default",
+    env: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
+    """The environment torchrun gives its workers: (common env, env per local rank).
+
+    ``env`` is the user's; torchrun's variables win over it, except that
+    ``OMP_NUM_THREADS=1`` (set when ``nproc_per_node > 1``) yields to a user value.
+    """
+    world_size = nnodes * nproc_per_node
+    common = dict(env or {})
+    if nproc_per_node > 1:
+        common.setdefault("OMP_NUM_THREADS", "1")
+    common.update(
+        {
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(nproc_per_node),
+            "GROUP_RANK": str(node_rank),
+            "GROUP_WORLD_SIZE": str(nnodes),
+            "ROLE_NAME": role_name,
+            "ROLE_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "TORCHELASTIC_RUN_ID": run_id,
+            "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+            # rank 0 hosts the TCPStore itself: there is no torchelastic agent store.
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
+        }
+    )
+    per_rank = {}
+    for local_rank in range(nproc_per_node):
+        rank = str(node_rank * nproc_per_node + local_rank)
+        per_rank[local_rank] = {"RANK": rank, "ROLE_RANK": rank, "LOCAL_RANK": str(local_rank)}
+    return common, per_rank
+
+
+def new_run_id() -> str:
+    return f"rankd-{secrets.token_hex(4)}"

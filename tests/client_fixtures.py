@@ -1,0 +1,187 @@
+"""Helpers for the client tests: real `rankd-agent` processes on loopback.
+
+Each agent's stdout is drained on a thread (the agent mirrors `tee` output there,
+and an undrained pipe would block it); the fixtures always stop the agents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+AGENT_BIN = str(Path(sys.executable).with_name("rankd-agent"))
+RANKD_BIN = str(Path(sys.executable).with_name("rankd"))
+PYTHON = sys.executable
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Check ``predicate`` every 20 ms until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[str]
+    address: str
+    log_dir: Path
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def workers(self, marker: str) -> list[psutil.Process]:
+        """Live descendants of the agent whose command line contains ``marker`` (a
+        worker script's path): the ranks, not the agent's own helpers."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [k for k in kids if _alive(k) and marker in " ".join(_cmdline(k))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start_agent(log_dir: Path, *extra: str) -> Agent:
+    proc = subprocess.Popen(
+        [AGENT_BIN, "--port", "0", "--log-dir", str(log_dir), "--log-level", "WARNING", *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"rankd-agent did not start: first line {line!r}")
+    agent = Agent(proc, line.split()[-1], log_dir)
+    stdout = proc.stdout
+
+    def drain() -> None:
+        for out in stdout:
+            agent.output.append(out)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return agent
+
+
+def agents(tmp_path: Path, count: int) -> Iterator[list[Agent]]:
+    """Start ``count`` agents (each with its own log dir); stop them all afterwards."""
+    started: list[Agent] = []
+    try:
+        for i in range(count):
+            started.append(start_agent(tmp_path / f"node{i}"))
+        yield started
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+ENV_DUMP = """\
+import json, os, sys
+keys = sys.argv[1].split(",")
+print("ENV " + json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
+print("to-stderr rank " + os.environ["RANK"], file=sys.stderr, flush=True)
+"""
+
+
+class Proxy:
+    """A loopback TCP proxy in front of an agent whose connections can be cut."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self.accepted = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+                self.accepted += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Break every open connection (both directions)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.cut()
