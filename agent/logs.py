@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import NamedTuple
 
 from agent.linux import IN_CLOSE_WRITE, IN_MODIFY, Inotify
 
@@ -29,6 +31,7 @@ __all__ = [
     "STDOUT",
     "STREAM_FILES",
     "AttemptLogs",
+    "Block",
     "LogLine",
     "LogReader",
     "LogWatcher",
@@ -64,13 +67,27 @@ class Pulse:
             future.set_result(None)
 
 
-@dataclass(frozen=True, slots=True)
-class LogLine:
+class LogLine(NamedTuple):
     local_rank: int
     stream: int
     offset: int  # byte offset just after the line: the resume cursor
     text: str
     partial: bool = False
+
+
+class Block(NamedTuple):
+    """Consecutive lines of one file: the unit readers pass around, so that a batch
+    costs a few objects instead of one per line."""
+
+    local_rank: int
+    stream: int
+    texts: list[str]
+    offsets: list[int]  # per line: byte offset just after it (its resume cursor)
+    partial: bool = False  # every line here is a cut chunk or a last line without newline
+
+    def lines(self) -> Iterator[LogLine]:
+        for text, offset in zip(self.texts, self.offsets, strict=True):
+            yield LogLine(self.local_rank, self.stream, offset, text, self.partial)
 
 
 @dataclass
@@ -123,8 +140,9 @@ class _FileCursor:
             os.close(self.fd)
             self.fd = -1
 
-    def read(self, budget: int, out: list[LogLine]) -> int:
-        """Append complete lines (and cut chunks of over-long ones) to `out`; return bytes read."""
+    def read(self, budget: int, out: list[Block]) -> int:
+        """Append blocks of complete lines (and cut chunks of over-long ones) to `out`;
+        return the number of bytes read."""
         if not self.open():
             return 0
         data = os.pread(self.fd, min(budget, READ_CHUNK), self.pos)
@@ -133,28 +151,52 @@ class _FileCursor:
         self.pos += len(data)
         buf = self.buf + data if self.buf else data
         offset = self.pos - len(buf)
-        rank, stream = self.key
-        *complete, tail = buf.split(b"\n")
-        for raw in complete:
-            while len(raw) > MAX_LINE:
-                offset += MAX_LINE
-                out.append(LogLine(rank, stream, offset, _decode(raw[:MAX_LINE]), True))
-                raw = raw[MAX_LINE:]
-            offset += len(raw) + 1
-            out.append(LogLine(rank, stream, offset, _decode(raw)))
+        end = buf.rfind(b"\n") + 1
+        complete, tail = buf[:end], buf[end:]
+        if complete:
+            texts = complete.decode("ascii").split("\n") if complete.isascii() else None
+            if texts is not None and max(lengths := list(map(len, texts))) <= MAX_LINE:
+                # Fast path: one decode for the whole chunk; bytes == characters.
+                texts.pop()
+                lengths.pop()
+                offsets = list(accumulate(map((1).__add__, lengths), initial=offset))
+                del offsets[0]
+                out.append(Block(*self.key, texts, offsets))
+                offset += len(complete)
+            else:
+                offset = self._slow(complete, offset, out)
         # `>`, as for complete lines: a tail of exactly MAX_LINE may still end with its
         # newline in the next read and must then come out as one whole line.
         while len(tail) > MAX_LINE:
             offset += MAX_LINE
-            out.append(LogLine(rank, stream, offset, _decode(tail[:MAX_LINE]), True))
+            out.append(Block(*self.key, [_decode(tail[:MAX_LINE])], [offset], True))
             tail = tail[MAX_LINE:]
         self.buf = tail
         return len(data)
 
-    def flush(self, out: list[LogLine]) -> None:
+    def _slow(self, complete: bytes, offset: int, out: list[Block]) -> int:
+        """Line by line: invalid or non-ASCII UTF-8, or lines to cut at MAX_LINE."""
+        texts: list[str] = []
+        offsets: list[int] = []
+        for raw in complete.split(b"\n")[:-1]:
+            while len(raw) > MAX_LINE:
+                if texts:
+                    out.append(Block(*self.key, texts, offsets))
+                    texts, offsets = [], []
+                offset += MAX_LINE
+                out.append(Block(*self.key, [_decode(raw[:MAX_LINE])], [offset], True))
+                raw = raw[MAX_LINE:]
+            offset += len(raw) + 1
+            texts.append(_decode(raw))
+            offsets.append(offset)
+        if texts:
+            out.append(Block(*self.key, texts, offsets))
+        return offset
+
+    def flush(self, out: list[Block]) -> None:
         """Emit the last line that has no newline (the writer is gone)."""
         if self.buf:
-            out.append(LogLine(self.key[0], self.key[1], self.pos, _decode(self.buf), True))
+            out.append(Block(*self.key, [_decode(self.buf)], [self.pos], True))
             self.buf = b""
 
 
@@ -186,8 +228,8 @@ class LogReader:
         self._max_batch = max_batch_bytes
         self._next = 0  # round-robin start, so one busy file cannot starve the others
 
-    def _read_round(self) -> tuple[list[LogLine], int]:
-        lines: list[LogLine] = []
+    def _read_round(self) -> tuple[list[Block], int]:
+        blocks: list[Block] = []
         budget = self._max_batch
         count = len(self._files)
         progress = True
@@ -195,31 +237,40 @@ class LogReader:
             progress = False
             for i in range(count):
                 cursor = self._files[(self._next + i) % count]
-                got = cursor.read(min(budget, READ_CHUNK), lines)
+                got = cursor.read(min(budget, READ_CHUNK), blocks)
                 budget -= got
                 progress = progress or got > 0
                 if budget <= 0:
                     break
             self._next = (self._next + 1) % max(count, 1)
-        return self._filtered(lines), self._max_batch - budget
+        return self._filtered(blocks), self._max_batch - budget
 
-    def _filtered(self, lines: list[LogLine]) -> list[LogLine]:
+    def _filtered(self, blocks: list[Block]) -> list[Block]:
         keep = self._filter
-        return lines if keep is None else [line for line in lines if keep(line.text)]
+        if keep is None:
+            return blocks
+        kept = []
+        for block in blocks:
+            pairs = [(t, o) for t, o in zip(block.texts, block.offsets, strict=True) if keep(t)]
+            if pairs:
+                texts, offsets = map(list, zip(*pairs, strict=True))
+                kept.append(block._replace(texts=texts, offsets=offsets))
+        return kept
 
-    async def batches(self) -> AsyncIterator[list[LogLine]]:
+    async def blocks(self) -> AsyncIterator[list[Block]]:
+        """Batches of blocks, each batch at most MAX_BATCH_LINES lines."""
         try:
             while True:
                 wake = self._logs.pulse.future()
                 ended = self._logs.ended  # read before the files: what it promises is on disk
                 batch, nbytes = self._read_round()
-                for i in range(0, len(batch), MAX_BATCH_LINES):
-                    yield batch[i : i + MAX_BATCH_LINES]
+                for part in _split(batch, MAX_BATCH_LINES):
+                    yield part
                 if nbytes:
                     continue
                 if ended or not self._follow:
                     if ended:
-                        tail: list[LogLine] = []
+                        tail: list[Block] = []
                         for cursor in self._files:
                             cursor.flush(tail)
                         tail = self._filtered(tail)
@@ -230,6 +281,30 @@ class LogReader:
         finally:
             for cursor in self._files:
                 cursor.close()
+
+    async def batches(self) -> AsyncIterator[list[LogLine]]:
+        """Batches of single lines (the same content as `blocks`)."""
+        async for blocks in self.blocks():
+            yield [line for block in blocks for line in block.lines()]
+
+
+def _split(blocks: list[Block], limit: int) -> Iterator[list[Block]]:
+    """Cut a batch into parts of at most `limit` lines, keeping the order."""
+    part: list[Block] = []
+    size = 0
+    for block in blocks:
+        while size + len(block.texts) > limit:
+            room = limit - size
+            if room:
+                part.append(block._replace(texts=block.texts[:room], offsets=block.offsets[:room]))
+                block = block._replace(texts=block.texts[room:], offsets=block.offsets[room:])
+            yield part
+            part, size = [], 0
+        if block.texts:
+            part.append(block)
+            size += len(block.texts)
+    if part:
+        yield part
 
 
 class LogWatcher:

@@ -150,27 +150,29 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             return
         prefixes = attempt.logs.prefixes
         count = attempt.restart_count
-        line = pb.LogLine
         stats = self.stats
         stats.active += 1
         try:
-            async for batch in reader.batches():
-                stats.lines += len(batch)
-                stats.bytes += sum(len(ln.text) for ln in batch)
-                yield pb.StreamResponse(
-                    lines=[
-                        line(
-                            local_rank=ln.local_rank,
-                            stream=ln.stream,  # type: ignore[arg-type]
-                            offset=ln.offset,
-                            text=ln.text,
-                            prefix=prefixes[ln.local_rank],
-                            partial=ln.partial,
-                        )
-                        for ln in batch
-                    ],
-                    restart_count=count,
-                )
+            async for blocks in reader.blocks():
+                response = pb.StreamResponse(restart_count=count)
+                add = response.lines.add
+                for rank, stream, texts, offsets, partial in blocks:
+                    # Filling copies of one template is ~1.5x faster than keyword
+                    # construction: this loop is the agent's hot path under log floods.
+                    template = pb.LogLine(
+                        local_rank=rank,
+                        stream=stream,  # type: ignore[arg-type]
+                        prefix=prefixes[rank],
+                        partial=partial,
+                    )
+                    for text, offset in zip(texts, offsets, strict=True):
+                        line = add()
+                        line.CopyFrom(template)
+                        line.offset = offset
+                        line.text = text
+                    stats.lines += len(texts)
+                    stats.bytes += sum(map(len, texts))
+                yield response
             if attempt.ended:
                 job = self._sup.job(request.job_id)
                 yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
