@@ -314,7 +314,7 @@ class Supervisor:
                     f"this agent runs {len(self._jobs)} jobs, its limit (--max-jobs); "
                     "wait for one to end or kill one"
                 )
-            running = sum(len([r for r in a.ranks if r.alive]) for a in self._current_attempts())
+            running = len(self._rank_pids)
             if running + spec.nprocs > self._max_running_ranks:
                 raise LimitExceeded(
                     f"starting {spec.nprocs} ranks would exceed this agent's limit of "
@@ -325,7 +325,7 @@ class Supervisor:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
             job.attempts.append(attempt)
-            self._record(job)
+            self._record(job)  # on disk before Start answers: a crash cannot lose the job
             return job, True
 
     def _forget_oldest_ended(self) -> bool:
@@ -340,9 +340,6 @@ class Supervisor:
             "forgetting job %s (ended longest ago) to stay within --max-jobs", oldest.job_id
         )
         return True
-
-    def _current_attempts(self) -> list[Attempt]:
-        return [j.current for j in self._jobs.values()]
 
     def _launch(self, loop: asyncio.AbstractEventLoop, job: Job | None, spec: JobSpec) -> Attempt:
         new_run_dir = job is None
@@ -367,9 +364,7 @@ class Supervisor:
         )
         try:
             for rank in range(spec.nprocs):
-                os.mkdir(logs.rank_dir(rank))
-                for stream in (STDOUT, STDERR):
-                    open(logs.path(rank, stream), "ab").close()
+                os.mkdir(logs.rank_dir(rank))  # the files are created by spawn
             assert self._watcher is not None
             self._watcher.watch(logs)
             for rank in range(spec.nprocs):
@@ -499,8 +494,8 @@ class Supervisor:
         attempt.logs.mark_ended()
         attempt.done.set()
         job = self._jobs.get(attempt.spec.job_id)
-        if job is not None:
-            self._record(job)
+        if job is not None:  # after the waiters (Kill, Poll) have their answer
+            asyncio.get_running_loop().call_soon(self._record, job)
         logger.info(
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
@@ -519,8 +514,17 @@ class Supervisor:
         if escalate:
             for rank in alive:
                 rank.terminated_by_agent = True
-        others = procs.attempt_processes([r.pid for r in alive], attempt.marker)
-        procs.send_signal([r.pid for r in alive], others, sig)
+        pgids = [r.pid for r in alive]
+        if self._subreaper:
+            # Process groups first (as torch does), so the scan of /proc does not delay
+            # them; descendants orphaned meanwhile are adopted by us and found by marker.
+            procs.send_signal(pgids, (), sig)
+            procs.send_signal((), procs.attempt_processes(pgids, attempt.marker), sig)
+        else:
+            # Without the subreaper, a dead rank's descendants move to init and would be
+            # lost: find them while the ranks still hold them.
+            others = procs.attempt_processes(pgids, attempt.marker)
+            procs.send_signal(pgids, others, sig)
         if not escalate or not alive:
             return
         pending = await _wait_ranks(alive, timeout)

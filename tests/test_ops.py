@@ -84,12 +84,13 @@ def test_metrics_during_a_job(observed: ObservedAgent) -> None:
         job_id="m1",
         nprocs=2,
         entrypoint=sys.executable,
-        args=["-c", "import sys; print('x'); sys.stdin = None; import time; time.sleep(60)"],
+        args=["-c", "import time; print('x', flush=True); time.sleep(60)"],
     )
     observed.stub.Start(pb.StartRequest(spec=spec), timeout=10)
     stream = observed.stub.Stream(pb.StreamRequest(job_id="m1", follow=True), timeout=60)
-    first = next(stream)  # one line arrives, the stream stays open
-    assert first.lines
+    seen = 0
+    while seen < 2:  # both ranks' lines arrive; the stream stays open
+        seen += len(next(stream).lines)
     m = observed.scrape()
     assert m[("rankd_ranks_running", ())] == 2
     assert m[("rankd_jobs", (("state", "RUNNING"),))] == 1
