@@ -36,5 +36,8 @@ bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+run: install
+	BIN=$(BIN) examples/run_demo.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
