@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 MARK = "<!-- tested"
 
 
-def tested_blocks() -> list[str]:
+def readme_blocks() -> list[str]:
     text = README.read_text()
     return re.findall(r"<!-- tested[^\n]*-->\n```sh\n(.*?)```", text, flags=re.S)
 
@@ -26,12 +26,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_readme_has_tested_blocks() -> None:
-    assert README.read_text().count(MARK) == len(tested_blocks()) >= 1
+def test_readme_has_readme_blocks() -> None:
+    assert README.read_text().count(MARK) == len(readme_blocks()) >= 1
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("block", tested_blocks())
+@pytest.mark.parametrize("block", readme_blocks())
 def test_readme_block_runs(block: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
