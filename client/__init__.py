@@ -13,6 +13,12 @@ It depends on the wire contract (``protos``) only, never on the agent.
 
 from __future__ import annotations
 
+import os as _os
+
+# gRPC's C core logs handshake failures on stderr before rankd can explain them; a CLI
+# must print one readable line. Must be set before grpc is first imported.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from client.agent_client import (
     AgentClient,
     AsyncAgentClient,

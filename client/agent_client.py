@@ -30,7 +30,7 @@ import grpc
 import grpc.aio
 
 from client.clock import ClockEstimator, RoundTrip
-from client.errors import AgentUnavailable, agent_error
+from client.errors import AgentError, AgentUnavailable, agent_error
 from client.nodes import Node
 from protos.rankd.v1 import agent_pb2, agent_pb2_grpc
 
@@ -75,6 +75,43 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def _tls_hint(details: str, tls: bool) -> str:
+    """What a person can do about a connection that TLS settings likely broke, or ""."""
+    text = details.lower()
+    if "wrong_version_number" in text:
+        return "the agent does not speak TLS here (started without --tls-cert?)"
+    if tls and any(mark in text for mark in ("handshake", "certificate", "verification")):
+        return (
+            "TLS handshake failed: the agent's certificate must be signed by the CA given "
+            "(--tls-ca) and name the address used"
+        )
+    if tls and "socket closed" in text:
+        return (
+            "the agent closed the connection after the TLS handshake: an agent started with "
+            "--tls-client-ca needs a client certificate signed by that CA (--tls-cert/--tls-key)"
+        )
+    if not tls and "socket closed" in text:
+        return "the agent closed the connection: if it serves TLS, give its CA (--tls-ca)"
+    return ""
+
+
+def _error(address: str, err: grpc.RpcError, *, tls: bool) -> AgentError:
+    """The typed error for a failed RPC, with a hint when TLS settings are the likely cause."""
+    error = agent_error(address, err)
+    if isinstance(error, AgentUnavailable):
+        hint = _tls_hint(error.details, tls)
+        if hint:
+            return AgentUnavailable(address, error.code, f"{error.details}; {hint}")
+    return error
+
+
+def _is_tls_misconfiguration(err: grpc.RpcError) -> bool:
+    """A certificate the client rejects: retrying cannot help."""
+    details_fn = getattr(err, "details", None)
+    text = str(details_fn() or "").lower() if callable(details_fn) else ""
+    return "certificate_verify_failed" in text or "verification check failed" in text
+
+
 class _StreamState:
     """The request of a stream and where to resume it after a broken connection."""
 
@@ -91,8 +128,10 @@ class _StreamState:
         restart_count: int | None,
         timeout: float | None,
         retries: int,
+        tls: bool = False,
     ) -> None:
         self.job_id = job_id
+        self.tls = tls
         self.follow = follow
         self.ranks = list(ranks)
         self.streams: list[Any] = [stream_kind(s) for s in streams]
@@ -151,13 +190,15 @@ class _StreamState:
         """Seconds to wait before reconnecting; raises when the stream cannot go on.
 
         Only UNAVAILABLE (and a follow stream cut before its end message) is
-        retried, a bounded number of times with exponential backoff.
+        retried, a bounded number of times with exponential backoff; never a
+        certificate the client rejects.
         """
         code = err.code() if err is not None else grpc.StatusCode.UNAVAILABLE
-        if code != grpc.StatusCode.UNAVAILABLE or self.retries_left <= 0:
+        retry = code == grpc.StatusCode.UNAVAILABLE and self.retries_left > 0
+        if not retry or (err is not None and _is_tls_misconfiguration(err)):
             if err is None:
                 raise AgentUnavailable(address, "UNAVAILABLE", "stream ended before the job did")
-            raise agent_error(address, err) from err
+            raise _error(address, err, tls=self.tls) from err
         self.retries_left -= 1
         delay = min(0.1 * 2**self.attempt, 2.0)
         self.attempt += 1
@@ -263,6 +304,7 @@ class AgentClient:
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
         self._metadata = _metadata(token)
+        self._tls = credentials is not None
         self._channel = (
             grpc.secure_channel(self.address, credentials, options=_CHANNEL_OPTIONS)
             if credentials is not None
@@ -274,7 +316,7 @@ class AgentClient:
         try:
             return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise agent_error(self.address, err) from err
+            raise _error(self.address, err, tls=self._tls) from err
 
     def start(self, spec: Any) -> Any:
         """Start a ``JobSpec``; idempotent on ``job_id``. Returns ``StartResponse``."""
@@ -347,6 +389,7 @@ class AgentClient:
             restart_count=restart_count,
             timeout=timeout,
             retries=self.stream_retries,
+            tls=self._tls,
         )
         return LogStream(self, state)
 
@@ -471,6 +514,7 @@ class AsyncAgentClient:
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
         self._metadata = _metadata(token)
+        self._tls = credentials is not None
         self._channel = (
             grpc.aio.secure_channel(self.address, credentials, options=_CHANNEL_OPTIONS)
             if credentials is not None
@@ -482,7 +526,7 @@ class AsyncAgentClient:
         try:
             return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise agent_error(self.address, err) from err
+            raise _error(self.address, err, tls=self._tls) from err
 
     async def start(self, spec: Any) -> Any:
         return await self._unary(self._stub.Start, agent_pb2.StartRequest(spec=spec))
@@ -544,6 +588,7 @@ class AsyncAgentClient:
             restart_count=restart_count,
             timeout=timeout,
             retries=self.stream_retries,
+            tls=self._tls,
         )
         return AsyncLogStream(self, state)
 

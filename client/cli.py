@@ -115,7 +115,8 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--token-file",
         metavar="FILE",
-        help="file holding the bearer token of agents started with --token-file",
+        help="file holding the bearer token of agents started with --token-file "
+        "(default: $RANKD_TOKEN_FILE)",
     )
     group.add_argument("--tls-ca", metavar="PEM", help="CA certificates to verify agents (TLS)")
     group.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
@@ -317,8 +318,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SystemExit as done:  # --help (0) or a usage error (2), already printed
         return int(done.code or 0)
     func: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.func
+    env = os.environ if environ is None else environ
+    if args.token_file is None:
+        args.token_file = env.get("RANKD_TOKEN_FILE") or None
     try:
-        return func(args, os.environ if environ is None else environ)
+        return func(args, env)
     except _Terminated:
         return EXIT_TERMINATED
     except KeyboardInterrupt:
