@@ -22,8 +22,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check agent client tests bench
-	$(BIN)/ruff format --check agent client tests bench
+	$(BIN)/ruff check agent client tests bench examples
+	$(BIN)/ruff format --check agent client tests bench examples
 	$(BIN)/mypy agent client
 
 proto: install

@@ -21,7 +21,10 @@ def record(fn):  # a 10-line stand-in for torch's @record, so the demo needs no 
             data = {
                 "message": {
                     "message": f"{type(err).__name__}: {err}",
-                    "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+                    "extraInfo": {
+                        "py_callstack": traceback.format_exc(),
+                        "timestamp": str(int(time.time())),
+                    },
                 }
             }
             with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
@@ -40,8 +43,11 @@ def load_shard(rank: int) -> list[int]:
 @record
 def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    print(f"hello from global rank {rank} of {world} (local rank {os.environ['LOCAL_RANK']}, "
-          f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})", flush=True)
+    print(
+        f"hello from global rank {rank} of {world} (local rank {os.environ['LOCAL_RANK']}, "
+        f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})",
+        flush=True,
+    )
     time.sleep(0.5)
     shard = load_shard(rank)
     print(f"rank {rank} loaded {len(shard)} samples", flush=True)
