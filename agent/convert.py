@@ -46,6 +46,7 @@ def spec_from_pb(msg: pb.JobSpec) -> JobSpec:
         duplicate_stderr_filters=tuple(msg.duplicate_stderr_filters),
         rank_offset=msg.rank_offset,
         kill_timeout=msg.kill_timeout if msg.HasField("kill_timeout") else DEFAULT_KILL_TIMEOUT,
+        default_env=dict(msg.default_env),
     )
 
 
@@ -67,6 +68,7 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         duplicate_stderr_filters=list(spec.duplicate_stderr_filters),
         rank_offset=spec.rank_offset,
         kill_timeout=spec.kill_timeout,
+        default_env=dict(spec.default_env),
     )
     for rank, args in spec.rank_args.items():
         msg.rank_args[rank].args.extend(args)

@@ -137,6 +137,7 @@ class JobSpec:
     duplicate_stderr_filters: tuple[str, ...] = ()
     rank_offset: int = 0
     kill_timeout: float = DEFAULT_KILL_TIMEOUT
+    default_env: Mapping[str, str] = field(default_factory=dict)
 
     def validate(self, limits: Limits | None = None) -> JobSpec:
         """Check every field; raise `SpecError` naming the field. Returns the spec with
@@ -226,7 +227,7 @@ class JobSpec:
 
     def _check_env(self, limits: Limits) -> None:
         self._check_ranks("rank_env", list(self.rank_env))
-        envs = [self.env, *self.rank_env.values()]
+        envs = [self.env, self.default_env, *self.rank_env.values()]
         count = sum(len(e) for e in envs)
         if count > limits.max_env_vars:
             raise SpecError(f"too many environment variables ({count} > {limits.max_env_vars})")
@@ -316,4 +317,5 @@ def _comparable(spec: JobSpec) -> dict[str, Any]:
         "dup_err": tuple(spec.duplicate_stderr_filters),
         "rank_offset": spec.rank_offset,
         "kill_timeout": spec.kill_timeout,
+        "default_env": dict(spec.default_env),
     }

@@ -27,6 +27,7 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     data["rank_args"] = {str(k): list(v) for k, v in spec.rank_args.items()}
     data["rank_env"] = {str(k): dict(v) for k, v in spec.rank_env.items()}
     data["env"] = dict(spec.env)
+    data["default_env"] = dict(spec.default_env)
     data["local_ranks_filter"] = sorted(spec.local_ranks_filter)
     return data
 
@@ -51,6 +52,7 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
         duplicate_stderr_filters=tuple(data.get("duplicate_stderr_filters", ())),
         rank_offset=int(data.get("rank_offset", 0)),
         kill_timeout=float(data.get("kill_timeout", 30.0)),
+        default_env=dict(data.get("default_env", {})),
     )
 
 

@@ -400,7 +400,8 @@ class Supervisor:
     def _rank_env(
         self, spec: JobSpec, local_rank: int, error_file: str, marker: str
     ) -> dict[str, str]:
-        env = dict(self._base_env)
+        env = dict(spec.default_env)
+        env.update(self._base_env)
         env.update(spec.env)
         env.update(spec.rank_env.get(local_rank, {}))
         env["LOCAL_RANK"] = str(local_rank)

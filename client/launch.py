@@ -37,6 +37,7 @@ from client.torchrun import (
     Progress,
     new_run_id,
     parse_std,
+    torchrun_defaults,
     torchrun_env,
 )
 from protos.rankd.v1 import agent_pb2
@@ -157,6 +158,7 @@ class _Launch:
             entrypoint=cfg.cmd[0],
             args=list(cfg.cmd[1:]),
             env=common,
+            default_env=torchrun_defaults(cfg.nproc_per_node),
             cwd=cfg.cwd,
             role_name=cfg.role_name,
             restart_count=restart_count,

@@ -21,6 +21,7 @@ __all__ = [
     "Progress",
     "new_run_id",
     "parse_std",
+    "torchrun_defaults",
     "torchrun_env",
 ]
 
@@ -179,13 +180,11 @@ def torchrun_env(
 ) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
     """The environment torchrun gives its workers: (common env, env per local rank).
 
-    ``env`` is the user's; torchrun's variables win over it, except that
-    ``OMP_NUM_THREADS=1`` (set when ``nproc_per_node > 1``) yields to a user value.
+    ``env`` is the user's; torchrun's variables win over it. torchrun's defaults that
+    yield to the node's own environment are in :func:`torchrun_defaults`.
     """
     world_size = nnodes * nproc_per_node
     common = dict(env or {})
-    if nproc_per_node > 1:
-        common.setdefault("OMP_NUM_THREADS", "1")
     common.update(
         {
             "WORLD_SIZE": str(world_size),
@@ -208,6 +207,16 @@ def torchrun_env(
         rank = str(node_rank * nproc_per_node + local_rank)
         per_rank[local_rank] = {"RANK": rank, "ROLE_RANK": rank, "LOCAL_RANK": str(local_rank)}
     return common, per_rank
+
+
+def torchrun_defaults(nproc_per_node: int) -> dict[str, str]:
+    """Variables torchrun sets only when its own environment lacks them; sent as the
+    spec's ``default_env`` so that each node's agent environment decides, as it would
+    for torchrun running there."""
+    defaults = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    if nproc_per_node > 1:
+        defaults["OMP_NUM_THREADS"] = "1"
+    return defaults
 
 
 def new_run_id() -> str:

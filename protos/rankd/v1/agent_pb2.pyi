@@ -62,7 +62,7 @@ class RankEnv(_message.Message):
     def __init__(self, env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout")
+    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout", "default_env")
     class RankArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,13 @@ class JobSpec(_message.Message):
         key: int
         value: RankEnv
         def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[RankEnv, _Mapping]] = ...) -> None: ...
+    class DefaultEnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NPROCS_FIELD_NUMBER: _ClassVar[int]
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +109,7 @@ class JobSpec(_message.Message):
     DUPLICATE_STDERR_FILTERS_FIELD_NUMBER: _ClassVar[int]
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     KILL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ENV_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     nprocs: int
     entrypoint: str
@@ -120,7 +128,8 @@ class JobSpec(_message.Message):
     duplicate_stderr_filters: _containers.RepeatedScalarFieldContainer[str]
     rank_offset: int
     kill_timeout: float
-    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ...) -> None: ...
+    default_env: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ..., default_env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("spec",)
