@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -196,8 +195,3 @@ class UsageSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 usage[pid] = Usage()
         self._usage = usage
-
-
-def kill_quietly(pids: Iterable[int]) -> None:
-    """SIGKILL single processes, ignoring those already gone."""
-    send_signal((), pids, signal.SIGKILL)
