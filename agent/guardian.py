@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 
+from agent.linux import read_environ_marker
+
 __all__ = ["kill_marked", "spawn_guardian"]
 
-_MARKER = b"RANKD_ATTEMPT="
 _ROUNDS = 40  # forks in flight are caught by the next scan; bounded, ~2 s at most
 _PAUSE = 0.05
 
@@ -44,18 +45,14 @@ def spawn_guardian(agent_tag: str) -> tuple[subprocess.Popen[bytes], int]:
 
 def kill_marked(agent_tag: str) -> int:
     """SIGKILL every process marked as belonging to `agent_tag`; returns how many."""
-    prefix = _MARKER + agent_tag.encode() + b"/"
+    prefix = agent_tag.encode() + b"/"
     me = os.getpid()
     killed = 0
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if any(item.startswith(prefix) for item in env.split(b"\0")):
+        marker = read_environ_marker(int(name))
+        if marker is not None and marker.startswith(prefix):
             try:
                 os.kill(int(name), signal.SIGKILL)
                 killed += 1

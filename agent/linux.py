@@ -14,6 +14,7 @@ __all__ = [
     "IN_CLOSE_WRITE",
     "IN_CREATE",
     "IN_MODIFY",
+    "MARKER_ENV",
     "Inotify",
     "ProcTable",
     "set_child_subreaper",
@@ -121,8 +122,13 @@ class ProcTable:
         return found
 
 
-def read_environ_marker(pid: int, key: bytes) -> bytes | None:
-    """The value of one environment variable of a live process, or None."""
+# Every process of a job attempt carries RANKD_ATTEMPT=<agent tag>/<job id>/<attempt>.
+MARKER_ENV = "RANKD_ATTEMPT"
+
+
+def read_environ_marker(pid: int, key: bytes = MARKER_ENV.encode()) -> bytes | None:
+    """The value of one environment variable (the attempt marker by default) of a live
+    process, or None."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             data = f.read()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import psutil
 
-from agent.linux import ProcTable, read_environ_marker
+from agent.linux import MARKER_ENV, ProcTable, read_environ_marker
 
 __all__ = [
     "MARKER_ENV",
@@ -32,8 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MARKER_ENV = "RANKD_ATTEMPT"
 
 
 def spawn(
@@ -123,9 +121,7 @@ def attempt_processes(rank_pids: Iterable[int], marker: str) -> set[int]:
     ranks = set(rank_pids)
     mark = marker.encode()
     adopted = [
-        pid
-        for pid in agent_children()
-        if pid not in ranks and read_environ_marker(pid, MARKER_ENV.encode()) == mark
+        pid for pid in agent_children() if pid not in ranks and read_environ_marker(pid) == mark
     ]
     live_ranks = [pid for pid in ranks if os.path.exists(f"/proc/{pid}")]
     if not adopted and not live_ranks:
