@@ -10,7 +10,7 @@ from agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
 from agent.supervisor import Attempt, Job, JobState, Rank, RankState
 from protos.rankd.v1 import agent_pb2 as pb
 
-__all__ = ["job_status", "spec_from_pb", "spec_to_pb"]
+__all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb"]
 
 _JOB_STATE = {
     JobState.RUNNING: pb.RUNNING,
@@ -94,7 +94,9 @@ def failure_to_pb(failure: Failure) -> pb.Failure:
     )
 
 
-def _rank_to_pb(rank: Rank, attempt: Attempt, usage: dict[int, Usage]) -> pb.RankStatus:
+def _rank_to_pb(
+    rank: Rank, attempt: Attempt, usage: dict[int, Usage], failure: pb.Failure | None
+) -> pb.RankStatus:
     msg = pb.RankStatus(
         local_rank=rank.local_rank,
         pid=rank.pid,
@@ -124,17 +126,59 @@ def _rank_to_pb(rank: Rank, attempt: Attempt, usage: dict[int, Usage]) -> pb.Ran
             msg.rss_bytes = use.rss
             msg.cpu_seconds = use.cpu_seconds
             msg.cpu_percent = use.cpu_percent
-    if rank.failure is not None:
-        msg.failure.CopyFrom(failure_to_pb(rank.failure))
+    if failure is not None:
+        msg.failure.CopyFrom(failure)
     return msg
+
+
+def cache_ended_rank(attempt: Attempt, rank: Rank) -> None:
+    """Build and keep the wire form of a rank that has just exited (a Supervisor exit
+    hook, run while the other ranks may still be dying). It no longer changes, but for
+    output that descendants may still append, which its byte counts (taken at the exit)
+    leave out."""
+    if rank.exit_code is not None:
+        attempt.wire[("rank", rank.local_rank)] = _rank_to_pb(
+            rank, attempt, {}, _failure(attempt, rank)
+        )
+
+
+def _failure(attempt: Attempt, rank: Rank) -> pb.Failure | None:
+    """A rank's failure, set once at its exit, in wire form (built once)."""
+    if rank.failure is None:
+        return None
+    key = ("failure", rank.local_rank)
+    cached: pb.Failure | None = attempt.wire.get(key)
+    if cached is None:
+        cached = attempt.wire[key] = failure_to_pb(rank.failure)
+    return cached
 
 
 def job_status(
     job: Job, attempt: Attempt | None = None, usage: dict[int, Usage] | None = None
 ) -> pb.JobStatus:
-    """The wire form of a job's attempt (the current one by default)."""
+    """The wire form of a job's attempt (the current one by default). What no longer
+    changes is built once and kept in `attempt.wire`: the spec, failures, and ranks that
+    have exited (see cache_ended_rank)."""
     attempt = attempt or job.current
     usage = usage or {}
+    cache = attempt.wire
+    spec = cache.get("spec")
+    if spec is None:
+        spec = cache["spec"] = spec_to_pb(attempt.spec)
+    last_output = attempt.logs.last_output
+    ranks = []
+    for rank in attempt.ranks:
+        msg = cache.get(("rank", rank.local_rank))
+        if msg is None:
+            msg = _rank_to_pb(rank, attempt, usage, _failure(attempt, rank))
+        else:  # the agent may read a rank's last lines after it saw the exit
+            msg.last_output_time = last_output.get(rank.local_rank, 0.0)
+        ranks.append(msg)
+    failures = []  # root cause first, as Attempt.failures orders them
+    for failure in attempt.failures():
+        msg_failure = _failure(attempt, attempt.ranks[failure.local_rank])
+        if msg_failure is not None:
+            failures.append(msg_failure)
     return pb.JobStatus(
         job_id=job.job_id,
         state=_JOB_STATE[attempt.state],
@@ -142,10 +186,10 @@ def job_status(
         nprocs=attempt.spec.nprocs,
         run_dir=job.run_dir,
         attempt_dir=attempt.logs.attempt_dir,
-        ranks=[_rank_to_pb(r, attempt, usage) for r in attempt.ranks],
-        failures=[failure_to_pb(f) for f in attempt.failures()],
+        ranks=ranks,
+        failures=failures,
         start_time=attempt.start_time,
         end_time=attempt.end_time,
         reason=attempt.reason,
-        spec=spec_to_pb(attempt.spec),
+        spec=spec,
     )

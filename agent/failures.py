@@ -125,12 +125,19 @@ def _parse_error_data(data: Any) -> tuple[str, str, int | None]:
 def stderr_tail(path: str, lines: int = STDERR_TAIL_LINES) -> list[str]:
     """The last `lines` lines of a file (bounded read; decoded with replacement)."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _STDERR_TAIL_BYTES))
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:  # the common case of a killed rank: no open file object, no read
+            return []
+        start = max(0, size - _STDERR_TAIL_BYTES)
+        data = os.pread(fd, size - start, start)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
     text = data.decode(errors="replace").splitlines()
     if size > _STDERR_TAIL_BYTES and text:
         text = text[1:]  # the first line was cut by the bounded read

@@ -7,8 +7,7 @@ import ctypes
 import ctypes.util
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "IN_CLOSE_WRITE",
@@ -16,7 +15,8 @@ __all__ = [
     "IN_MODIFY",
     "MARKER_ENV",
     "Inotify",
-    "ProcTable",
+    "children_of",
+    "descendants",
     "set_child_subreaper",
 ]
 
@@ -83,43 +83,38 @@ class Inotify:
             self._fd = -1
 
 
-@dataclass(frozen=True, slots=True)
-class ProcInfo:
-    pid: int
-    ppid: int
-    pgid: int
+def children_of(pid: int) -> list[int]:
+    """The direct children of `pid`, from the kernel's per-thread children lists (a
+    child forked by any thread is listed under that thread). Empty when it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tids:
+        try:
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # the thread ended meanwhile
+            continue
+        try:
+            found.extend(map(int, os.read(fd, 1 << 16).split()))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return found
 
 
-class ProcTable:
-    """One snapshot of /proc: parent links, for finding every descendant of a process
-    (also those that left its process group or session) in a single pass."""
-
-    def __init__(self) -> None:
-        self.procs: dict[int, ProcInfo] = {}
-        self.children: dict[int, list[int]] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:  # exited between listing and reading
-                continue
-            # The command name may hold spaces and parentheses: split after the last ')'.
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            info = ProcInfo(int(entry.name), int(fields[1]), int(fields[2]))
-            self.procs[info.pid] = info
-            self.children.setdefault(info.ppid, []).append(info.pid)
-
-    def descendants(self, pid: int) -> list[int]:
-        """Every process below `pid`, excluding `pid` itself."""
-        found: list[int] = []
-        stack = list(self.children.get(pid, ()))
-        while stack:
-            child = stack.pop()
-            found.append(child)
-            stack.extend(self.children.get(child, ()))
-        return found
+def descendants(roots: Iterable[int]) -> list[int]:
+    """Every process below the roots (also those that left their process group or
+    session), excluding the roots. Walks only these subtrees, not all of /proc."""
+    found: list[int] = []
+    stack = list(roots)
+    while stack:
+        kids = children_of(stack.pop())
+        found.extend(kids)
+        stack.extend(kids)
+    return found
 
 
 # Every process of a job attempt carries RANKD_ATTEMPT=<agent tag>/<job id>/<attempt>.

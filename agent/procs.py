@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import psutil
 
-from agent.linux import MARKER_ENV, ProcTable, read_environ_marker
+from agent.linux import MARKER_ENV, children_of, descendants, read_environ_marker
 
 __all__ = [
     "MARKER_ENV",
@@ -28,6 +28,7 @@ __all__ = [
     "attempt_processes",
     "reap_orphans",
     "send_signal",
+    "signal_others",
     "spawn",
 ]
 
@@ -41,10 +42,11 @@ def spawn(
     cwd: str | None,
     stdout_path: str,
     stderr_path: str,
-) -> subprocess.Popen[bytes]:
-    """Start one rank in a new session, its output appended straight to its files."""
+) -> int:
+    """Start one rank in a new session, its output appended straight to its files, and
+    return its pid (reaped by `ExitWatch`)."""
     with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
-        return subprocess.Popen(
+        popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -54,6 +56,10 @@ def spawn(
             start_new_session=True,
             close_fds=True,
         )
+    # Never waited for through Popen (ExitWatch reaps the pid): a returncode keeps its
+    # finalizer from queueing the pid for subprocess' own reaping, which would race ours.
+    popen.returncode = 0
+    return popen.pid
 
 
 class ExitWatch:
@@ -63,28 +69,27 @@ class ExitWatch:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        popen: subprocess.Popen[bytes],
+        pid: int,
         on_exit: Callable[[int, float], None],
     ) -> None:
         self._loop = loop
-        self._popen = popen
+        self._pid = pid
         self._on_exit = on_exit
         # The pid cannot be reused before we reap it, so the pidfd names our child.
-        self._fd = os.pidfd_open(popen.pid)
+        self._fd = os.pidfd_open(pid)
         loop.add_reader(self._fd, self._ready)
 
     def _ready(self) -> None:
         exit_time = time.time()
         try:
-            pid, status = os.waitpid(self._popen.pid, os.WNOHANG)
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
         except ChildProcessError:  # reaped elsewhere: the exit status is lost
-            pid, status = self._popen.pid, 255 << 8
+            pid, status = self._pid, 255 << 8
         if pid == 0:
             return  # spurious wake-up
         self._loop.remove_reader(self._fd)
         os.close(self._fd)
         code = os.waitstatus_to_exitcode(status)
-        self._popen.returncode = code  # so Popen does not wait or warn later
         self._on_exit(code, exit_time)
 
 
@@ -100,37 +105,46 @@ def send_signal(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
 
 def agent_children() -> set[int]:
     """Direct children of this process (cheap: /proc/self/task/*/children)."""
-    found: set[int] = set()
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                found.update(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return found
+    return set(children_of(os.getpid()))
 
 
-def attempt_processes(rank_pids: Iterable[int], marker: str) -> set[int]:
+def attempt_processes(
+    rank_pids: Iterable[int], marker: str, *, skip_groups: Iterable[int] = ()
+) -> set[int]:
     """Every process of an attempt but its ranks: the ranks' descendants (also those in
     other sessions), and the agent's children that carry the attempt's marker (orphans
-    adopted by the agent as subreaper) with all of their descendants."""
+    adopted by the agent as subreaper) with all of their descendants. Processes in
+    `skip_groups` (process groups already signalled) are left out, so that nobody gets
+    the same signal twice."""
     ranks = set(rank_pids)
     mark = marker.encode()
     adopted = [
         pid for pid in agent_children() if pid not in ranks and read_environ_marker(pid) == mark
     ]
-    live_ranks = [pid for pid in ranks if os.path.exists(f"/proc/{pid}")]
-    if not adopted and not live_ranks:
-        return set()
-    table = ProcTable()
-    found: set[int] = set(adopted)
-    for root in (*live_ranks, *adopted):
-        found.update(table.descendants(root))
-    return found - ranks
+    found = set(adopted)
+    found.update(descendants([*ranks, *adopted]))
+    found -= ranks
+    skip = set(skip_groups)
+    if skip:
+        found = {pid for pid in found if _pgid(pid) not in skip}
+    return found
+
+
+def signal_others(pgids: Iterable[int], marker: str, sig: int) -> None:
+    """Send `sig` to every process of the attempt outside the ranks' process groups
+    (already signalled). Safe to run in a thread; never raises."""
+    groups = list(pgids)
+    try:
+        send_signal((), attempt_processes(groups, marker, skip_groups=groups), sig)
+    except Exception:
+        logger.exception("signalling the processes of %s failed", marker)
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
 
 
 def reap_orphans(ours: set[int]) -> None:

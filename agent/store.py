@@ -63,7 +63,8 @@ def failure_from_dict(data: dict[str, Any]) -> Failure:
 def write_job_file(run_dir: str, data: dict[str, Any]) -> None:
     """Replace `<run_dir>/job.json` atomically; a failure to write is logged, not raised
     (the job runs on; only its record after a restart is at stake)."""
-    payload = json.dumps({"format": FORMAT, **data}, indent=1).encode()
+    # compact: the C encoder (indent= falls back to the pure-Python one, 10x slower)
+    payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
     try:
         fd, tmp = tempfile.mkstemp(prefix=".job-", suffix=".json", dir=run_dir)
         try:

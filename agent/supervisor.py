@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -20,12 +21,11 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
 
@@ -74,7 +74,6 @@ class Rank:
     state: RankState = RankState.RUNNING
     failure: Failure | None = None
     terminated_by_agent: bool = False
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -98,6 +97,10 @@ class Attempt:
     # the process group or their parent are still known: "<agent tag>/<job>/<attempt>".
     marker: str = ""
     terminating: asyncio.Task[None] | None = None
+    spec_record: dict[str, Any] | None = field(default=None, repr=False)  # job.json's, cached
+    recorded: concurrent.futures.Future[None] | None = None  # the final job.json write
+    # Wire forms that no longer change (the spec's, ended ranks'), kept by agent.convert.
+    wire: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def restart_count(self) -> int:
@@ -125,6 +128,10 @@ class Job:
     job_id: str
     run_dir: str
     attempts: list[Attempt] = field(default_factory=list)
+    # Bumped on every change a Poll would show (attempt started, rank exited, state
+    # changed, attempt ended); `Supervisor.changed` waits for the next bump.
+    version: int = 0
+    _next: asyncio.Future[int] | None = field(default=None, repr=False)
 
     @property
     def current(self) -> Attempt:
@@ -188,6 +195,14 @@ class Supervisor:
         self._watcher: LogWatcher | None = None
         self._rank_pids: set[int] = set()
         self._start_lock = asyncio.Lock()
+        # job.json writes put off for a moment, see _finish: job id -> (timer, write)
+        self._delayed: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        # Called with (attempt, rank) right after a rank exited (the service caches the
+        # rank's final wire form there, while the other ranks are still dying).
+        self.exit_hooks: list[Callable[[Attempt, Rank], None]] = []
+        # One thread for file work kept off the loop: job.json writes (in submission
+        # order, so an older state never overwrites a newer one) and process sweeps.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
         self._restore()
@@ -225,17 +240,46 @@ class Supervisor:
             self._watcher = None
         if self._loop is not None and self._subreaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
+        self._flush_records()
+        self._io.shutdown(wait=True)  # the last job.json writes land before we return
         if self._guardian_fd >= 0:  # the guardian sweeps for stragglers and exits
             os.close(self._guardian_fd)
             self._guardian_fd = -1
 
     # -- the record on disk ----------------------------------------------------------
 
-    def _record(self, job: Job) -> None:
-        store.write_job_file(
-            job.run_dir,
-            {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]},
-        )
+    def _record(self, job: Job) -> concurrent.futures.Future[None]:
+        """Write job.json from a snapshot taken now, in the io thread."""
+        data = {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]}
+        try:
+            return self._io.submit(store.write_job_file, job.run_dir, data)
+        except RuntimeError:  # after close(): a straggler's exit; write it here
+            store.write_job_file(job.run_dir, data)
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    def _record_later(self, job: Job, attempt: Attempt) -> None:
+        recorded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        attempt.recorded = recorded
+
+        def write() -> None:
+            handle, _ = self._delayed.pop(job.job_id, (None, None))
+            if handle is not None:
+                handle.cancel()
+            self._record(job).add_done_callback(lambda _: recorded.set_result(None))
+
+        self._flush_records(job.job_id)  # an earlier attempt's, if still delayed
+        handle = asyncio.get_running_loop().call_later(_RECORD_DELAY, write)
+        self._delayed[job.job_id] = (handle, write)
+
+    def _flush_records(self, job_id: str | None = None) -> None:
+        """Write delayed job.json records now: one job's, or all (the loop may not run
+        much longer)."""
+        for key in [job_id] if job_id is not None else list(self._delayed):
+            _, write = self._delayed.get(key, (None, None))
+            if write is not None:
+                write()
 
     def _restore(self) -> None:
         """Load the jobs recorded under the log dir by an earlier agent. An attempt that
@@ -253,7 +297,7 @@ class Supervisor:
                 logger.warning("job %s recorded twice; keeping %s", job.job_id, run_dir)
             self._jobs[job.job_id] = job
             if any(a.reason.startswith(_LOST) for a in job.attempts):
-                self._record(job)
+                self._record(job).result()
         if self._jobs:
             logger.info("restored %d jobs from %s", len(self._jobs), self.log_dir)
 
@@ -272,7 +316,29 @@ class Supervisor:
         """Wait for the current attempt to end and its mirrors to drain."""
         attempt = self.job(job_id).current
         await attempt.drained()
+        if attempt.recorded is not None:
+            await asyncio.wrap_future(attempt.recorded)
         return attempt
+
+    async def changed(self, job_id: str, seen: int) -> int:
+        """Wait until the job's version differs from `seen` (at once if it does already)
+        and return the new version. Raises JobNotFound."""
+        job = self.job(job_id)
+        if job.version != seen:
+            return job.version
+        if job._next is None:
+            job._next = asyncio.get_running_loop().create_future()
+        # shielded: one cancelled waiter must not cancel the future the others share
+        return await asyncio.shield(job._next)
+
+    def _bump(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.version += 1
+        waiters, job._next = job._next, None
+        if waiters is not None and not waiters.done():
+            waiters.set_result(job.version)
 
     # -- start -----------------------------------------------------------------------
 
@@ -325,7 +391,9 @@ class Supervisor:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
             job.attempts.append(attempt)
-            self._record(job)  # on disk before Start answers: a crash cannot lose the job
+            self._bump(job.job_id)
+            # on disk before Start answers: a crash cannot lose the job
+            await asyncio.wrap_future(self._record(job))
             return job, True
 
     def _forget_oldest_ended(self) -> bool:
@@ -414,29 +482,27 @@ class Supervisor:
     ) -> Rank:
         spec, logs = attempt.spec, attempt.logs
         error_file = logs.error_file(local_rank)
-        popen = procs.spawn(
+        pid = procs.spawn(
             spec.argv(local_rank),
             env=self._rank_env(spec, local_rank, error_file, attempt.marker),
             cwd=spec.cwd,
             stdout_path=logs.path(local_rank, STDOUT),
             stderr_path=logs.path(local_rank, STDERR),
         )
-        self._rank_pids.add(popen.pid)
+        self._rank_pids.add(pid)
         rank = Rank(
             local_rank=local_rank,
-            pid=popen.pid,
+            pid=pid,
             start_time=time.time(),
             stdout_path=logs.path(local_rank, STDOUT),
             stderr_path=logs.path(local_rank, STDERR),
             error_file=error_file,
             exited=loop.create_future(),
-            popen=popen,
         )
         return rank
 
     def _watch_exit(self, loop: asyncio.AbstractEventLoop, attempt: Attempt, rank: Rank) -> None:
-        assert rank.popen is not None
-        procs.ExitWatch(loop, rank.popen, lambda code, t: self._on_exit(attempt, rank, code, t))
+        procs.ExitWatch(loop, rank.pid, lambda code, t: self._on_exit(attempt, rank, code, t))
 
     # -- exits and the failure policy ------------------------------------------------------
 
@@ -458,6 +524,8 @@ class Supervisor:
                 terminated_by_agent=rank.terminated_by_agent,
             )
         self.exit_counts[rank.state.value.lower()] += 1
+        for hook in self.exit_hooks:
+            hook(attempt, rank)
         if rank.exited is not None and not rank.exited.done():
             rank.exited.set_result(code)
         if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
@@ -472,6 +540,7 @@ class Supervisor:
             )
         if not any(r.alive for r in attempt.ranks):
             self._finish(attempt)
+        self._bump(attempt.spec.job_id)
         if self._subreaper:
             self._reap_orphans()
 
@@ -495,8 +564,11 @@ class Supervisor:
         attempt.logs.mark_ended()
         attempt.done.set()
         job = self._jobs.get(attempt.spec.job_id)
-        if job is not None:  # after the waiters (Kill, Poll) have their answer
-            asyncio.get_running_loop().call_soon(self._record, job)
+        if job is not None:
+            # A moment later, so the write does not compete with the answers of Kill and
+            # Poll; a crash in that moment restores the attempt as FAILED ("the agent
+            # stopped"), never as RUNNING.
+            self._record_later(job, attempt)
         logger.info(
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
@@ -517,14 +589,18 @@ class Supervisor:
                 rank.terminated_by_agent = True
         pgids = [r.pid for r in alive]
         if self._subreaper:
-            # Process groups first (as torch does), so the scan of /proc does not delay
+            # Process groups first (as torch does), so the walk below does not delay
             # them; descendants orphaned meanwhile are adopted by us and found by marker.
+            # Process groups only: what left a group is adopted by us when its rank
+            # dies, and _finish kills it then (or the SIGKILL below, if the rank does
+            # not die). A walk of the process tree here would delay every exit.
             procs.send_signal(pgids, (), sig)
-            procs.send_signal((), procs.attempt_processes(pgids, attempt.marker), sig)
+            if not escalate:  # a signal that is not a kill reaches them now
+                procs.signal_others(pgids, attempt.marker, sig)
         else:
             # Without the subreaper, a dead rank's descendants move to init and would be
             # lost: find them while the ranks still hold them.
-            others = procs.attempt_processes(pgids, attempt.marker)
+            others = procs.attempt_processes(pgids, attempt.marker, skip_groups=pgids)
             procs.send_signal(pgids, others, sig)
         if not escalate or not alive:
             return
@@ -573,6 +649,7 @@ class Supervisor:
         if attempt.state is JobState.RUNNING:
             attempt.state = JobState.KILLED
             attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
+            self._bump(job_id)
         await self._terminate(attempt, sig, timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(attempt.done.wait(), SIGKILL_WAIT)
@@ -604,6 +681,7 @@ class Supervisor:
 
 
 _LOST = "the agent stopped while this attempt ran"
+_RECORD_DELAY = 0.01  # seconds from an attempt's end to its job.json write
 
 
 def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
@@ -619,8 +697,11 @@ def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
 
 
 def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    """A snapshot for job.json: nothing in it is mutated later by the loop."""
+    if attempt.spec_record is None:
+        attempt.spec_record = store.spec_to_dict(attempt.spec)
     return {
-        "spec": store.spec_to_dict(attempt.spec),
+        "spec": attempt.spec_record,
         "attempt_dir": attempt.logs.attempt_dir,
         "state": attempt.state.value,
         "reason": attempt.reason,
@@ -635,7 +716,8 @@ def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
                 "exit_code": r.exit_code,
                 "state": r.state.value,
                 "terminated_by_agent": r.terminated_by_agent,
-                "failure": asdict(r.failure) if r.failure else None,
+                # shallow: a Failure is not changed once made
+                "failure": dict(vars(r.failure)) if r.failure else None,
             }
             for r in attempt.ranks
         ],
