@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from agent.linux import IN_CLOSE_WRITE, IN_MODIFY, Inotify
 
@@ -32,6 +32,7 @@ __all__ = [
     "STREAM_FILES",
     "AttemptLogs",
     "Block",
+    "Chunk",
     "LogLine",
     "LogReader",
     "LogWatcher",
@@ -90,6 +91,18 @@ class Block(NamedTuple):
             yield LogLine(self.local_rank, self.stream, offset, text, self.partial)
 
 
+class Chunk(NamedTuple):
+    """Consecutive lines of one file as raw bytes (packed streams): `nlines` lines, each
+    ending with a newline unless `partial` (then `data` is one line without it)."""
+
+    local_rank: int
+    stream: int
+    offset: int  # where `data` starts in the file
+    data: bytes
+    nlines: int
+    partial: bool = False
+
+
 @dataclass
 class AttemptLogs:
     """The files of one attempt and what readers need to follow them."""
@@ -118,10 +131,11 @@ class AttemptLogs:
 class _FileCursor:
     """Reading state of one (rank, stream) file."""
 
-    __slots__ = ("buf", "fd", "key", "path", "pos")
+    __slots__ = ("buf", "fd", "key", "packed", "path", "pos")
 
-    def __init__(self, key: tuple[int, int], path: str, offset: int) -> None:
+    def __init__(self, key: tuple[int, int], path: str, offset: int, packed: bool) -> None:
         self.key = key
+        self.packed = packed  # emit Chunks (raw bytes) instead of Blocks
         self.path = path
         self.pos = offset  # next byte to read
         self.buf = b""  # bytes read after the last complete line
@@ -140,9 +154,9 @@ class _FileCursor:
             os.close(self.fd)
             self.fd = -1
 
-    def read(self, budget: int, out: list[Block]) -> int:
-        """Append blocks of complete lines (and cut chunks of over-long ones) to `out`;
-        return the number of bytes read."""
+    def read(self, budget: int, out: list[Any]) -> int:
+        """Append blocks (or Chunks, if packed) of complete lines and cut pieces of
+        over-long ones to `out`; return the number of bytes read."""
         if not self.open():
             return 0
         data = os.pread(self.fd, min(budget, READ_CHUNK), self.pos)
@@ -153,7 +167,9 @@ class _FileCursor:
         offset = self.pos - len(buf)
         end = buf.rfind(b"\n") + 1
         complete, tail = buf[:end], buf[end:]
-        if complete:
+        if complete and self.packed:
+            offset = self._packed(complete, offset, out)
+        elif complete:
             texts = complete.decode("ascii").split("\n") if complete.isascii() else None
             if texts is not None and max(lengths := list(map(len, texts))) <= MAX_LINE:
                 # Fast path: one decode for the whole chunk; bytes == characters.
@@ -168,8 +184,11 @@ class _FileCursor:
         # `>`, as for complete lines: a tail of exactly MAX_LINE may still end with its
         # newline in the next read and must then come out as one whole line.
         while len(tail) > MAX_LINE:
+            if self.packed:
+                out.append(Chunk(*self.key, offset, tail[:MAX_LINE], 1, True))
+            else:
+                out.append(Block(*self.key, [_decode(tail[:MAX_LINE])], [offset + MAX_LINE], True))
             offset += MAX_LINE
-            out.append(Block(*self.key, [_decode(tail[:MAX_LINE])], [offset], True))
             tail = tail[MAX_LINE:]
         self.buf = tail
         return len(data)
@@ -193,11 +212,49 @@ class _FileCursor:
             out.append(Block(*self.key, texts, offsets))
         return offset
 
-    def flush(self, out: list[Block]) -> None:
+    def _packed(self, complete: bytes, offset: int, out: list[Any]) -> int:
+        """Complete lines as one Chunk; lines over MAX_LINE are cut as for Blocks."""
+        if not _has_long_line(complete):
+            out.append(Chunk(*self.key, offset, complete, complete.count(b"\n")))
+            return offset + len(complete)
+        run: list[bytes] = []
+        run_start = offset
+        for raw in complete.split(b"\n")[:-1]:
+            if len(raw) > MAX_LINE:
+                if run:
+                    out.append(Chunk(*self.key, run_start, b"".join(run), len(run)))
+                    run = []
+                while len(raw) > MAX_LINE:
+                    out.append(Chunk(*self.key, offset, raw[:MAX_LINE], 1, True))
+                    offset += MAX_LINE
+                    raw = raw[MAX_LINE:]
+                run_start = offset
+            run.append(raw + b"\n")
+            offset += len(raw) + 1
+        if run:
+            out.append(Chunk(*self.key, run_start, b"".join(run), len(run)))
+        return offset
+
+    def flush(self, out: list[Any]) -> None:
         """Emit the last line that has no newline (the writer is gone)."""
         if self.buf:
-            out.append(Block(*self.key, [_decode(self.buf)], [self.pos], True))
+            if self.packed:
+                out.append(Chunk(*self.key, self.pos - len(self.buf), self.buf, 1, True))
+            else:
+                out.append(Block(*self.key, [_decode(self.buf)], [self.pos], True))
             self.buf = b""
+
+
+def _has_long_line(data: bytes) -> bool:
+    """Whether a line of `data` (complete lines) is longer than MAX_LINE: hops from line
+    start to the last newline within MAX_LINE + 1 bytes, a few C scans per chunk."""
+    pos, end = 0, len(data)
+    while end - pos > MAX_LINE:
+        newline = data.rfind(b"\n", pos, pos + MAX_LINE + 1)
+        if newline < 0:
+            return True
+        pos = newline + 1
+    return False
 
 
 def _decode(raw: bytes) -> str:
@@ -219,17 +276,22 @@ class LogReader:
         follow: bool = False,
         line_filter: Callable[[str], bool] | None = None,
         max_batch_bytes: int = MAX_BATCH_BYTES,
+        packed: bool = False,
     ) -> None:
+        """`packed`: `blocks()` yields Chunks (raw bytes), not Blocks; no line_filter."""
+        if packed and line_filter is not None:
+            raise ValueError("a packed reader cannot filter lines")
         cursors = cursors or {}
         self._logs = logs
-        self._files = [_FileCursor(k, logs.path(*k), cursors.get(k, 0)) for k in keys]
+        self._files = [_FileCursor(k, logs.path(*k), cursors.get(k, 0), packed) for k in keys]
         self._follow = follow
         self._filter = line_filter
         self._max_batch = max_batch_bytes
+        self.packed = packed
         self._next = 0  # round-robin start, so one busy file cannot starve the others
 
-    def _read_round(self) -> tuple[list[Block], int]:
-        blocks: list[Block] = []
+    def _read_round(self) -> tuple[list[Any], int]:
+        blocks: list[Any] = []
         budget = self._max_batch
         count = len(self._files)
         progress = True
@@ -245,7 +307,7 @@ class LogReader:
             self._next = (self._next + 1) % max(count, 1)
         return self._filtered(blocks), self._max_batch - budget
 
-    def _filtered(self, blocks: list[Block]) -> list[Block]:
+    def _filtered(self, blocks: list[Any]) -> list[Any]:
         keep = self._filter
         if keep is None:
             return blocks
@@ -257,8 +319,9 @@ class LogReader:
                 kept.append(block._replace(texts=texts, offsets=offsets))
         return kept
 
-    async def blocks(self) -> AsyncIterator[list[Block]]:
-        """Batches of blocks, each batch at most MAX_BATCH_LINES lines."""
+    async def blocks(self) -> AsyncIterator[list[Any]]:
+        """Batches of Blocks (Chunks if packed), each batch at most MAX_BATCH_LINES
+        lines."""
         try:
             while True:
                 wake = self._logs.pulse.future()
@@ -270,7 +333,7 @@ class LogReader:
                     continue
                 if ended or not self._follow:
                     if ended:
-                        tail: list[Block] = []
+                        tail: list[Any] = []
                         for cursor in self._files:
                             cursor.flush(tail)
                         tail = self._filtered(tail)
@@ -288,8 +351,12 @@ class LogReader:
             yield [line for block in blocks for line in block.lines()]
 
 
-def _split(blocks: list[Block], limit: int) -> Iterator[list[Block]]:
-    """Cut a batch into parts of at most `limit` lines, keeping the order."""
+def _split(blocks: list[Any], limit: int) -> Iterator[list[Any]]:
+    """Cut a batch into parts of at most `limit` lines, keeping the order. Chunks are
+    not cut (their bytes are bounded by the batch's)."""
+    if blocks and isinstance(blocks[0], Chunk):
+        yield blocks
+        return
     part: list[Block] = []
     size = 0
     for block in blocks:

@@ -22,12 +22,14 @@ __all__ = ["MetricsInterceptor", "StreamStats", "serve_metrics"]
 
 
 class StreamStats:
-    """Counters the Stream RPC updates on the event loop."""
+    """Counters the Stream and Watch RPCs update on the event loop."""
 
     def __init__(self) -> None:
         self.lines = 0
         self.bytes = 0
         self.active = 0
+        self.watches = 0
+        self.watch_messages = 0
 
 
 class _AgentCollector(Collector):
@@ -59,6 +61,14 @@ class _AgentCollector(Collector):
         )
         yield GaugeMetricFamily(
             "rankd_active_streams", "Stream RPCs open now", value=self._streams.active
+        )
+        yield GaugeMetricFamily(
+            "rankd_active_watches", "Watch RPCs open now", value=self._streams.watches
+        )
+        yield CounterMetricFamily(
+            "rankd_watch_messages",
+            "Job statuses and heartbeats sent by Watch",
+            value=self._streams.watch_messages,
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agent import __version__
-from agent.convert import job_status, spec_from_pb
+from agent.convert import cache_ended_rank, job_status, spec_from_pb
 from agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,10 +29,11 @@ from agent.errors import (
     RankdError,
     SpecError,
 )
-from agent.logs import STDERR, STDOUT, LogReader
+from agent.logs import STDERR, STDOUT, Chunk, LogReader
 from agent.metrics import StreamStats
 from agent.specs import parse_signal, validate_job_id
 from agent.supervisor import Attempt, Supervisor
+from agent.watch import Update, check_heartbeat, job_updates
 from protos.rankd.v1 import agent_pb2 as pb
 from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
 
@@ -83,6 +84,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     def __init__(self, supervisor: Supervisor, stats: StreamStats | None = None) -> None:
         self._sup = supervisor
         self.stats = stats or StreamStats()
+        supervisor.exit_hooks.append(cache_ended_rank)
 
     def _job(self, job_id: str) -> Any:
         validate_job_id(job_id)
@@ -104,7 +106,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         job = self._job(request.job_id)
         attempt = job.current
         usage = self._sup.usage.usage(r.pid for r in attempt.ranks if r.alive)
-        return pb.PollResponse(job=job_status(job, attempt, usage), agent_time=time.time())
+        return pb.PollResponse(
+            job=job_status(job, attempt, usage), agent_time=time.time(), version=job.version
+        )
 
     @_unary
     async def List(
@@ -137,7 +141,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         attempt = await self._sup.kill(
             request.job_id, sig, timeout, escalate=not request.no_escalate
         )
-        return pb.KillResponse(job=job_status(job, attempt))
+        # a version names the current attempt's state; a newer attempt may have started
+        version = job.version if attempt is job.current else 0
+        return pb.KillResponse(job=job_status(job, attempt), version=version)
 
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
@@ -154,6 +160,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         stats.active += 1
         try:
             async for blocks in reader.blocks():
+                if reader.packed:
+                    yield _packed_response(blocks, prefixes, count, stats)
+                    continue
                 response = pb.StreamResponse(restart_count=count)
                 add = response.lines.add
                 for rank, stream, texts, offsets, partial in blocks:
@@ -161,7 +170,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                     # construction: this loop is the agent's hot path under log floods.
                     template = pb.LogLine(
                         local_rank=rank,
-                        stream=stream,  # type: ignore[arg-type]
+                        stream=stream,
                         prefix=prefixes[rank],
                         partial=partial,
                     )
@@ -178,6 +187,46 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
         finally:
             stats.active -= 1
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
+        try:
+            self._job(request.job_id)  # NOT_FOUND before the stream starts
+            updates = job_updates(
+                self._sup,
+                request.job_id,
+                until_ended=request.until_ended,
+                heartbeat=check_heartbeat(request.heartbeat),
+            )
+        except Exception as err:
+            code, message = _status_of(err)
+            await context.abort(code, message)
+            return
+        stats = self.stats
+        stats.watches += 1
+        try:
+            async for update in updates:
+                yield self._watch_response(update)
+                stats.watch_messages += 1
+        except Exception as err:  # the job was forgotten while watched (--max-jobs)
+            code, message = _status_of(err)
+            await context.abort(code, message)
+        finally:
+            stats.watches -= 1
+            await updates.aclose()
+
+    def _watch_response(self, update: Update) -> pb.WatchResponse:
+        if update.job is None or update.attempt is None:  # a heartbeat
+            return pb.WatchResponse(version=update.version, agent_time=time.time())
+        attempt = update.attempt
+        usage = self._sup.usage.usage(r.pid for r in attempt.ranks if r.alive)
+        return pb.WatchResponse(
+            version=update.version,
+            job=job_status(update.job, attempt, usage),
+            ended=update.ended,
+            agent_time=time.time(),
+        )
 
     def _open_stream(self, request: pb.StreamRequest) -> tuple[Attempt, LogReader]:
         job = self._job(request.job_id)
@@ -205,9 +254,39 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         line_filter = _line_filter(request.contains, request.regex)
         keys = [(r, s) for r in dict.fromkeys(ranks) for s in dict.fromkeys(streams)]
         reader = LogReader(
-            attempt.logs, keys, cursors=cursors, follow=request.follow, line_filter=line_filter
+            attempt.logs,
+            keys,
+            cursors=cursors,
+            follow=request.follow,
+            line_filter=line_filter,
+            packed=request.packed and line_filter is None,
         )
         return attempt, reader
+
+
+def _packed_response(
+    chunks: list[Chunk], prefixes: list[str], restart_count: int, stats: StreamStats
+) -> pb.StreamResponse:
+    """One message of LogBlocks: the agent's bytes as read, no per-line work."""
+    response = pb.StreamResponse(
+        restart_count=restart_count,
+        blocks=[
+            pb.LogBlock(
+                local_rank=c.local_rank,
+                stream=c.stream,  # type: ignore[arg-type]
+                offset=c.offset,
+                data=c.data,
+                count=c.nlines,
+                prefix=prefixes[c.local_rank],
+                partial=c.partial,
+            )
+            for c in chunks
+        ],
+    )
+    stats.lines += sum(c.nlines for c in chunks)
+    # as for lines: the text, without newlines
+    stats.bytes += sum(len(c.data) - (0 if c.partial else c.nlines) for c in chunks)
+    return response
 
 
 def _line_filter(contains: str, regex: str) -> Callable[[str], bool] | None:

@@ -250,7 +250,7 @@ class Supervisor:
 
     def _record(self, job: Job) -> concurrent.futures.Future[None]:
         """Write job.json from a snapshot taken now, in the io thread."""
-        data = {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]}
+        data = _job_record(job)
         try:
             return self._io.submit(store.write_job_file, job.run_dir, data)
         except RuntimeError:  # after close(): a straggler's exit; write it here
@@ -392,8 +392,9 @@ class Supervisor:
                 self._jobs[spec.job_id] = job
             job.attempts.append(attempt)
             self._bump(job.job_id)
-            # on disk before Start answers: a crash cannot lose the job
-            await asyncio.wrap_future(self._record(job))
+            # on disk before Start answers: a crash cannot lose the job. Written here,
+            # not in the io thread: the hand-over would cost more than the write.
+            store.write_job_file(job.run_dir, _job_record(job))
             return job, True
 
     def _forget_oldest_ended(self) -> bool:
@@ -694,6 +695,10 @@ def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
         ctx["local_rank"] = rank.local_rank
         ctx["pid"] = rank.pid
     return ctx
+
+
+def _job_record(job: Job) -> dict[str, Any]:
+    return {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]}
 
 
 def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:

@@ -3,8 +3,10 @@ batches of 100-byte lines, with the agent's own message types (``StreamResponse`
 ``LogLine``) and batch size, and does nothing else: no files, no parsing.
 
 Serves ``rankd.v1.NodeAgent/Stream`` only; ``StreamRequest.job_id`` carries the number
-of lines to send. Run as ``python -m bench.bare_stream``; like the agent, its first
-stdout line is ``listening on HOST:PORT``, and SIGTERM stops it.
+of lines to send, ``packed`` picks LogBlocks (the agent's packed form: 1 MiB messages
+of 256 KiB blocks, as its reader makes them) over LogLines. Run as
+``python -m bench.bare_stream``; like the agent, its first stdout line is
+``listening on HOST:PORT``, and SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = ["BATCH_LINES", "BareStream", "main"]
 BATCH_LINES = 4096  # the agent's MAX_BATCH_LINES: a full batch when the reader lags
 RANKS = 8
 _MAX_MESSAGE = 16 * 1024 * 1024  # as the agent
+_BLOCK_BYTES = 256 * 1024  # the agent's READ_CHUNK
+_BLOCKS = 4  # its 1 MiB batch
 
 
 class BareStream(pb_grpc.NodeAgentServicer):
@@ -39,15 +43,50 @@ class BareStream(pb_grpc.NodeAgentServicer):
             for i in range(BATCH_LINES)
         ]
         self._batch = pb.StreamResponse(lines=self._lines)
+        per_block = _BLOCK_BYTES // 100
+        self._block_lines = per_block * _BLOCKS
+        blocks = []
+        for b in range(_BLOCKS):
+            rank = b % RANKS
+            data = "".join(f"{flood_line(rank, i)}\n" for i in range(per_block)).encode()
+            blocks.append(
+                pb.LogBlock(
+                    local_rank=rank,
+                    stream=pb.STDOUT,
+                    offset=0,
+                    data=data,
+                    count=per_block,
+                    prefix=f"[default{rank}]:",
+                )
+            )
+        self._blocks = blocks
+        self._packed = pb.StreamResponse(blocks=blocks)
 
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        full, rest = divmod(int(request.job_id or 0), BATCH_LINES)
-        for _ in range(full):
-            yield self._batch
-        if rest:
-            yield pb.StreamResponse(lines=self._lines[:rest])
+        total = int(request.job_id or 0)
+        if request.packed:
+            full, rest = divmod(total, self._block_lines)
+            for _ in range(full):
+                yield self._packed
+            per_block = self._block_lines // _BLOCKS
+            whole, extra = divmod(rest, per_block)
+            last = [*self._blocks[:whole]]
+            if extra:
+                cut = pb.LogBlock()
+                cut.CopyFrom(self._blocks[whole])
+                cut.data = cut.data[: extra * 100]
+                cut.count = extra
+                last.append(cut)
+            if last:
+                yield pb.StreamResponse(blocks=last)
+        else:
+            full, rest = divmod(total, BATCH_LINES)
+            for _ in range(full):
+                yield self._batch
+            if rest:
+                yield pb.StreamResponse(lines=self._lines[:rest])
         yield pb.StreamResponse(end=True)
 
 

@@ -1,5 +1,6 @@
-"""Many agents and idle agents: Poll fan-out through ``client.Cluster``, and what an
-agent costs while nothing happens."""
+"""Many agents and idle agents: job status across a fleet through ``client.Cluster``
+(watch-fed, unary fan-out, push latency), and what an agent costs while nothing
+happens."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def _timed_calls(f: _Fleet, calls: int, call: Any) -> Samples:
 
 def _poll_fanout(cfg: Config) -> Scenario:
     count, calls = cfg.pick(32, 4), cfg.pick(100, 10)
+    exits = cfg.pick(3, 1)  # push-latency rounds per repetition
 
     def setup() -> _Fleet:
         from client import Cluster  # the client package, as a coordinator would use it
@@ -73,7 +75,11 @@ def _poll_fanout(cfg: Config) -> Scenario:
             for agent in agents:  # the same job id on every node: it is the run id
                 agent.start(make_spec(fleet.job, 1, "/bin/sleep", ["3600"]))
             fleet.cluster = Cluster([a.address for a in agents])
+            if not fleet.cluster.watch(fleet.job, timeout=30):
+                raise RuntimeError("the cluster's watches did not come up")
         except BaseException:
+            if fleet.cluster is not None:
+                fleet.cluster.close()
             stop_all(agents)
             raise
         return fleet
@@ -85,14 +91,35 @@ def _poll_fanout(cfg: Config) -> Scenario:
             fleet.cluster.close()
         stop_all(fleet.agents)
 
-    def cluster(f: _Fleet) -> Samples:
-        def call() -> None:
-            results = f.cluster.poll(f.job)
-            bad = [r for r in results if not r.ok or r.value.state != pb.RUNNING]
-            if bad:
-                raise RuntimeError(f"fan-out poll: {len(bad)} nodes failed: {bad[0]}")
+    def polled(results: list[Any]) -> None:
+        bad = [r for r in results if not r.ok or r.value.state != pb.RUNNING]
+        if bad:
+            raise RuntimeError(f"fan-out poll: {len(bad)} nodes failed: {bad[0]}")
 
-        return _timed_calls(f, calls, call)
+    def cluster(f: _Fleet) -> Samples:
+        return _timed_calls(f, calls, lambda: polled(f.cluster.poll(f.job)))
+
+    def fresh(f: _Fleet) -> Samples:
+        return _timed_calls(f, calls, lambda: polled(f.cluster.poll(f.job, fresh=True)))
+
+    def push(f: _Fleet) -> Samples:
+        """A rank exits on every agent; from the last exit (the agent's own timestamp:
+        one machine, one clock) until the Cluster's view shows every node ended."""
+        out = []
+        for _ in range(exits):
+            job = job_id("exit")
+            for agent in f.agents:
+                agent.start(make_spec(job, 1, "/bin/sleep", ["1"]))
+            if not f.cluster.watch(job, timeout=30):
+                raise RuntimeError("the cluster's watches did not come up")
+            finals = f.cluster.wait(job, timeout=60)
+            seen = time.time()
+            view = f.cluster.poll(job)
+            if not all(r.ok and r.value.ranks[0].HasField("exit_code") for r in view):
+                raise RuntimeError(f"job {job}: not every node ended in the cluster's view")
+            last_exit = max(r.unwrap().ranks[0].end_time for r in finals)
+            out.append(ms(seen - last_exit))
+        return {"push": out}
 
     def futures(f: _Fleet) -> Samples:
         request = pb.PollRequest(job_id=f.job)
@@ -112,7 +139,7 @@ def _poll_fanout(cfg: Config) -> Scenario:
     rows = [
         RowSpec(
             id="poll_fanout",
-            title=f"Poll fan-out across {count} agents (client.Cluster)",
+            title=f"Poll fan-out across {count} agents (client.Cluster, watch-fed)",
             unit="ms",
             metrics=("poll",),
             side="cluster",
@@ -121,6 +148,25 @@ def _poll_fanout(cfg: Config) -> Scenario:
             target=Target("ratio_max", 5.0),
             note="ref: one agent's unary Poll round trip (sync stub)",
             note_metrics=("client CPU/call", "agents CPU/call"),
+        ),
+        RowSpec(
+            id="poll_fanout_fresh",
+            title="  same, unary fan-out: poll(fresh=True) (info)",
+            unit="ms",
+            metrics=("poll",),
+            side="fresh",
+            ref_side="one agent",
+            ref_label="1 agent",
+            note_metrics=("client CPU/call", "agents CPU/call"),
+        ),
+        RowSpec(
+            id="poll_fanout_push",
+            title=f"  rank exit on all {count} agents -> ended in the Cluster's view (info)",
+            unit="ms",
+            metrics=("push",),
+            side="push",
+            ref_side=None,
+            note="from the last exit (agent timestamp) until Cluster.wait returns",
         ),
         RowSpec(
             id="poll_fanout_futures",
@@ -135,7 +181,13 @@ def _poll_fanout(cfg: Config) -> Scenario:
     ]
     return Scenario(
         id="poll_fanout",
-        sides={"cluster": cluster, "futures": futures, "one agent": one},
+        sides={
+            "cluster": cluster,
+            "fresh": fresh,
+            "futures": futures,
+            "one agent": one,
+            "push": push,
+        },
         rows=rows,
         setup=setup,
         teardown=teardown,

@@ -119,8 +119,9 @@ def _throughput(cfg: Config) -> Scenario:
         t0 = perf_counter()
         job = s.agent.start(make_spec(jid, nprocs, PYTHON, args, rank_args=rank_args))
         got, final = 0, None
-        for resp in s.agent.stub.Stream(pb.StreamRequest(job_id=jid, follow=True), timeout=600):
-            got += len(resp.lines)
+        req = pb.StreamRequest(job_id=jid, follow=True, packed=True)
+        for resp in s.agent.stub.Stream(req, timeout=600):
+            got += sum(block.count for block in resp.blocks)
             if resp.end:
                 final = resp.job
         elapsed = perf_counter() - t0
@@ -153,16 +154,23 @@ def _throughput(cfg: Config) -> Scenario:
             raise RuntimeError(f"TailLog delivered {got} of {total} lines")
         return {"rate": [total / elapsed]}
 
-    def bare(s: _State) -> Samples:
+    def bare_stream(s: _State, packed: bool) -> Samples:
         assert s.bare is not None
         t0 = perf_counter()
         got = 0
-        for resp in s.bare.stub.Stream(pb.StreamRequest(job_id=str(total)), timeout=600):
-            got += len(resp.lines)
+        req = pb.StreamRequest(job_id=str(total), packed=packed)
+        for resp in s.bare.stub.Stream(req, timeout=600):
+            got += len(resp.lines) + sum(block.count for block in resp.blocks)
         elapsed = perf_counter() - t0
         if got != total:
             raise RuntimeError(f"bare stream delivered {got} of {total} lines")
         return {"rate": [total / elapsed]}
+
+    def bare(s: _State) -> Samples:
+        return bare_stream(s, packed=False)
+
+    def bare_packed(s: _State) -> Samples:
+        return bare_stream(s, packed=True)
 
     title = f"{nprocs} ranks x {per_rank:,} lines of {LINE_BYTES} B → one client"
     rows = [
@@ -181,12 +189,28 @@ def _throughput(cfg: Config) -> Scenario:
             unit="lines/s",
             metrics=("rate",),
             ref_side="bare",
-            ref_label="bare gRPC",
+            ref_label="bare gRPC, LogLines",
             target=Target("ratio_min", 0.5),
             higher_is_better=True,
+            note="bare: pre-built batches of 4,096 LogLines, no workers, files or reading",
+        ),
+        RowSpec(
+            id="throughput_vs_bare_packed",
+            title="  same, vs bare gRPC of pre-built LogBlocks (info)",
+            unit="lines/s",
+            metrics=("rate",),
+            ref_side="bare_packed",
+            ref_label="bare gRPC, LogBlocks",
+            higher_is_better=True,
+            note="bare: 1 MiB messages of pre-built LogBlocks: the transport alone",
         ),
     ]
-    sides: dict[str, Any] = {"rankd": rankd, "torch": torch, "bare": bare}
+    sides: dict[str, Any] = {
+        "rankd": rankd,
+        "torch": torch,
+        "bare": bare,
+        "bare_packed": bare_packed,
+    }
     return Scenario(id="throughput", sides=sides, rows=rows, setup=setup, teardown=teardown)
 
 

@@ -23,7 +23,9 @@ from client.agent_client import (
     AgentClient,
     AsyncAgentClient,
     AsyncLogStream,
+    AsyncStatusWatch,
     LogStream,
+    StatusWatch,
 )
 from client.clock import ClockEstimator, ClockSample
 from client.cluster import AsyncCluster, Cluster
@@ -32,6 +34,7 @@ from client.errors import (
     AgentTimeout,
     AgentUnavailable,
     AlreadyExists,
+    AuthenticationFailed,
     ClusterError,
     InvalidArgument,
     JobFailed,
@@ -55,6 +58,8 @@ __all__ = [
     "AsyncAgentClient",
     "AsyncCluster",
     "AsyncLogStream",
+    "AsyncStatusWatch",
+    "AuthenticationFailed",
     "ClockEstimator",
     "ClockSample",
     "Cluster",
@@ -76,6 +81,7 @@ __all__ = [
     "Progress",
     "RankFailure",
     "RankdError",
+    "StatusWatch",
     "expand_hostlist",
     "parse_nodes",
     "read_hostfile",

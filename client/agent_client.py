@@ -7,6 +7,7 @@ Both speak ``rankd.v1.NodeAgent`` and return the contract's protobuf messages:
 ``poll(job_id)``        ``JobStatus``
 ``wait(job_id)``        ``JobStatus`` once the job has ended
 ``stream(job_id, ...)`` an iterator of ``LogLine`` (:class:`LogStream`)
+``watch(job_id, ...)``  an iterator of ``WatchResponse`` (:class:`StatusWatch`)
 ``kill(job_id, ...)``   ``JobStatus`` after the kill
 ``list()``              ``list[JobStatus]``
 ``info()``              ``InfoResponse``
@@ -39,7 +40,9 @@ __all__ = [
     "AgentClient",
     "AsyncAgentClient",
     "AsyncLogStream",
+    "AsyncStatusWatch",
     "LogStream",
+    "StatusWatch",
     "stream_kind",
 ]
 
@@ -281,6 +284,57 @@ class LogStream(Iterator[Any]):
         self.close()
 
 
+def _watch_request(job_id: str, until_ended: bool, heartbeat: float) -> Any:
+    return agent_pb2.WatchRequest(job_id=job_id, until_ended=until_ended, heartbeat=heartbeat)
+
+
+class StatusWatch(Iterator[Any]):
+    """Iterator of ``WatchResponse`` from one agent (see :meth:`AgentClient.watch`).
+
+    Ends after the ``ended`` message of an ``until_ended`` watch, or when the agent
+    closes the stream; raises ``AgentError`` when the RPC fails (no reconnection:
+    a new watch starts with the full current status). ``close()`` (or leaving a
+    ``with`` block) cancels the RPC.
+    """
+
+    def __init__(self, client: AgentClient, request: Any, timeout: float | None) -> None:
+        self._client = client
+        self._request = request
+        self._timeout = timeout
+        self._call: Any = None
+        self._closed = False
+
+    def __iter__(self) -> StatusWatch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        if self._call is None:
+            client = self._client
+            self._call = client._stub.Watch(
+                self._request, timeout=self._timeout, metadata=client._metadata
+            )
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if self._closed:
+                raise StopIteration from None
+            raise _error(self._client.address, err, tls=self._client._tls) from err
+
+    def close(self) -> None:
+        """Cancel the RPC. Idempotent."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __enter__(self) -> StatusWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class AgentClient:
     """Blocking client of one ``rankd-agent``. Thread-safe; ``close()`` when done.
 
@@ -329,6 +383,28 @@ class AgentClient:
         if resp.agent_time > 0:
             self.clock.add(trip.sample(resp.agent_time))
         return resp.job
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        until_ended: bool = False,
+        heartbeat: float = 0.0,
+        timeout: float | None = None,
+    ) -> StatusWatch:
+        """The job's status as the agent pushes it: an iterator of ``WatchResponse``.
+
+        The first message is the current ``JobStatus`` (``resp.job``), then one per
+        change (attempt started, rank exited, state changed, attempt ended), with an
+        increasing ``resp.version``; changes that happen while a message is on its way
+        are folded into the next, never the final one. While ranks run, the status is
+        also resent about once a second with fresh resource use (same version).
+        ``until_ended``: stop after the message whose ``ended`` is set. ``heartbeat``
+        (seconds, 0 = none): the agent sends a message without ``job`` after that
+        much silence. ``timeout``: overall deadline (None = none). A broken
+        connection raises ``AgentError``; watch again, the first message resyncs.
+        """
+        return StatusWatch(self, _watch_request(job_id, until_ended, heartbeat), timeout)
 
     def info(self) -> Any:
         """The agent's ``InfoResponse``: hostname, version, clock, a free port."""
@@ -494,6 +570,49 @@ class AsyncLogStream(AsyncIterator[Any]):
         self.close()
 
 
+class AsyncStatusWatch(AsyncIterator[Any]):
+    """The asyncio twin of :class:`StatusWatch`."""
+
+    def __init__(self, client: AsyncAgentClient, request: Any, timeout: float | None) -> None:
+        self._client = client
+        self._request = request
+        self._timeout = timeout
+        self._call: Any = None
+        self._iter: Any = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncStatusWatch:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._call is None:
+            client = self._client
+            self._call = client._stub.Watch(
+                self._request, timeout=self._timeout, metadata=client._metadata
+            )
+            self._iter = self._call.__aiter__()
+        try:
+            return await self._iter.__anext__()
+        except grpc.RpcError as err:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise _error(self._client.address, err, tls=self._client._tls) from err
+
+    def close(self) -> None:
+        """Cancel the RPC. Idempotent."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncStatusWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
 class AsyncAgentClient:
     """The asyncio twin of :class:`AgentClient` (same methods, awaited).
 
@@ -532,11 +651,26 @@ class AsyncAgentClient:
         return await self._unary(self._stub.Start, agent_pb2.StartRequest(spec=spec))
 
     async def poll(self, job_id: str) -> Any:
+        return (await self._poll(job_id)).job
+
+    async def _poll(self, job_id: str) -> Any:
+        """The whole ``PollResponse`` (``job``, ``agent_time``, ``version``)."""
         trip = RoundTrip()
         resp = await self._unary(self._stub.Poll, agent_pb2.PollRequest(job_id=job_id))
         if resp.agent_time > 0:
             self.clock.add(trip.sample(resp.agent_time))
-        return resp.job
+        return resp
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        until_ended: bool = False,
+        heartbeat: float = 0.0,
+        timeout: float | None = None,
+    ) -> AsyncStatusWatch:
+        """The asyncio twin of :meth:`AgentClient.watch`: ``async for resp in ...``."""
+        return AsyncStatusWatch(self, _watch_request(job_id, until_ended, heartbeat), timeout)
 
     async def info(self) -> Any:
         trip = RoundTrip()
@@ -557,12 +691,18 @@ class AsyncAgentClient:
         timeout: float | None = None,
         escalate: bool = True,
     ) -> Any:
+        resp = await self._kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
+        return resp.job
+
+    async def _kill(
+        self, job_id: str, *, signal: str | int, timeout: float | None, escalate: bool
+    ) -> Any:
+        """The whole ``KillResponse`` (``job``, ``version``)."""
         req = agent_pb2.KillRequest(job_id=job_id, signal=str(signal), no_escalate=not escalate)
         if timeout is not None:
             req.timeout = timeout
         wait = (_AGENT_KILL_TIMEOUT if timeout is None else timeout) if escalate else 0.0
-        resp = await self._unary(self._stub.Kill, req, timeout=self.timeout + wait)
-        return resp.job
+        return await self._unary(self._stub.Kill, req, timeout=self.timeout + wait)
 
     def stream(
         self,

@@ -5,6 +5,12 @@ trip; each node answers a :class:`NodeResult` (a value or its own error) within
 the RPC deadline, and a dead or slow node never holds up the others.
 ``launch`` runs a whole multi-node job (see :mod:`client.launch`).
 
+Job statuses are event-driven: once asked about a job (``poll``, ``wait``), the
+cluster keeps one Watch stream per agent for it (:mod:`client.watches`) and
+answers ``poll`` from what the agents pushed, without a round trip; a node whose
+watch is down is polled as before while its watch reconnects. At most
+:data:`MAX_WATCHED_JOBS` jobs are watched; the least recently asked one is dropped.
+
 ``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread; launch
 callbacks (``on_line``, ``on_event``, ``on_progress``) run on that thread.
 Ctrl-C in a blocking call cancels it, and a cancelled ``launch`` kills the job
@@ -18,19 +24,25 @@ import builtins
 import concurrent.futures
 import contextlib
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import IO, Any, TypeVar
 
 import grpc
 
 from client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
-from client.errors import RankdError
+from client.errors import AgentTimeout, RankdError
 from client.launch import run_launch
 from client.nodes import Node, parse_nodes
 from client.results import NodeResult
 from client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress
+from client.watches import NodeWatch
 
-__all__ = ["AsyncCluster", "Cluster", "NodeResult"]
+__all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
+
+#: Jobs whose statuses a cluster keeps watched at once.
+MAX_WATCHED_JOBS = 16
 
 T = TypeVar("T")
 
@@ -72,27 +84,102 @@ class AsyncCluster:
             AsyncAgentClient(n, timeout=timeout, token=token, credentials=credentials)
             for n in self.nodes
         ]
+        self._watches: OrderedDict[str, builtins.list[NodeWatch]] = OrderedDict()
+        self._dropped: set[asyncio.Task[None]] = set()
 
     async def fan_out(
         self, call: Callable[[AsyncAgentClient], Awaitable[T]]
     ) -> builtins.list[NodeResult[T]]:
         """Run ``call`` on every node at once; one result per node, in node order."""
+        return await self._each(lambda i: call(self.clients[i]))
 
-        async def one(rank: int, client: AsyncAgentClient) -> NodeResult[T]:
+    async def _each(
+        self, call: Callable[[int], Awaitable[T]], ranks: Sequence[int] | None = None
+    ) -> builtins.list[NodeResult[T]]:
+        """``call(node_rank)`` for every node (or those in ``ranks``) at once."""
+
+        async def one(rank: int) -> NodeResult[T]:
             try:
-                return NodeResult(self.nodes[rank], rank, value=await call(client))
+                return NodeResult(self.nodes[rank], rank, value=await call(rank))
             except RankdError as err:
                 return NodeResult(self.nodes[rank], rank, error=err)
 
-        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(self.clients))))
+        if ranks is None:
+            ranks = range(len(self.nodes))
+        return list(await asyncio.gather(*(one(i) for i in ranks)))
 
     async def info(self) -> builtins.list[NodeResult[Any]]:
         """Every agent's ``InfoResponse`` (also a clock sample per agent)."""
         return await self.fan_out(lambda c: c.info())
 
-    async def poll(self, job_id: str) -> builtins.list[NodeResult[Any]]:
-        """The job's ``JobStatus`` on every node."""
-        return await self.fan_out(lambda c: c.poll(job_id))
+    async def poll(self, job_id: str, *, fresh: bool = False) -> builtins.list[NodeResult[Any]]:
+        """The job's ``JobStatus`` on every node.
+
+        Watch-fed: from the first call on, every node's status comes from its Watch
+        stream, so a call costs no RPC and reflects every change the agent has
+        pushed (it lags the agent by about one one-way network latency). A node
+        whose watch is not live yet or is down is polled with a unary Poll, as
+        with ``fresh=True``, which polls every node (one round trip each).
+        """
+        if fresh:
+            return await self._fresh_polls(job_id, range(len(self.nodes)))
+        watches = self._watch(job_id)
+        if all(w.live for w in watches):  # the common case: no RPC, no await
+            return [NodeResult(n, i, value=watches[i].snapshot()) for i, n in enumerate(self.nodes)]
+        down = [i for i, w in enumerate(watches) if not w.live]
+        polled = dict(zip(down, await self._fresh_polls(job_id, down), strict=True))
+        return [
+            polled[i] if i in polled else NodeResult(n, i, value=watches[i].snapshot())
+            for i, n in enumerate(self.nodes)
+        ]
+
+    async def _fresh_polls(
+        self, job_id: str, ranks: Sequence[int]
+    ) -> builtins.list[NodeResult[Any]]:
+        """Unary Polls of the nodes in ``ranks``, concurrently; their answers also
+        refresh the nodes' watches."""
+        watches = self._watches.get(job_id)
+
+        async def one(i: int) -> Any:
+            resp = await self.clients[i]._poll(job_id)
+            if watches is not None:
+                watches[i].offer(resp.job, resp.version)
+                watches[i].kick()
+            return resp.job
+
+        return await self._each(one, ranks)
+
+    async def watch(self, job_id: str, *, timeout: float | None = None) -> bool:
+        """Watch the job on every node from now on (idempotent; ``poll`` and ``wait``
+        do it too), and wait until every node's watch is live, i.e. has delivered
+        the job's status: True. False as soon as a node's watch is down (unknown
+        job, unreachable agent; it keeps reconnecting) or after ``timeout`` seconds."""
+        watches = self._watch(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not all(w.live for w in watches):
+            if any(w.error is not None for w in watches):
+                return False
+            pending = next(w for w in watches if not w.live)
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not await pending.changed(left):
+                return False
+        return True
+
+    def _watch(self, job_id: str) -> builtins.list[NodeWatch]:
+        """The job's watches, opened on first use; the least recently used job's
+        are dropped beyond MAX_WATCHED_JOBS."""
+        watches = self._watches.get(job_id)
+        if watches is not None:
+            self._watches.move_to_end(job_id)
+            return watches
+        watches = [NodeWatch(c, job_id) for c in self.clients]
+        self._watches[job_id] = watches
+        while len(self._watches) > MAX_WATCHED_JOBS:
+            _, old = self._watches.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(_close_all(old))
+            self._dropped.add(task)
+            task.add_done_callback(self._dropped.discard)
+        return watches
 
     async def list(self) -> builtins.list[NodeResult[builtins.list[Any]]]:
         """Every node's jobs."""
@@ -101,8 +188,31 @@ class AsyncCluster:
     async def wait(
         self, job_id: str, *, timeout: float | None = None
     ) -> builtins.list[NodeResult[Any]]:
-        """Wait until the job has ended on every node; final ``JobStatus`` per node."""
-        return await self.fan_out(lambda c: c.wait(job_id, timeout=timeout))
+        """Wait until the job has ended on every node; final ``JobStatus`` per node.
+
+        Event-driven on the job's watches (see :meth:`poll`); a node whose watch
+        is down waits on a log stream as :meth:`AsyncAgentClient.wait` does. A
+        node that has not ended within ``timeout`` seconds answers ``AgentTimeout``.
+        """
+        watches = self._watch(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        async def one(i: int) -> Any:
+            watch = watches[i]
+            while True:
+                if watch.live and watch.ended:
+                    return watch.snapshot()
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if watch.error is not None:
+                    return await self.clients[i].wait(job_id, timeout=left)
+                if not await watch.changed(left):
+                    raise AgentTimeout(
+                        str(self.nodes[i]),
+                        "DEADLINE_EXCEEDED",
+                        f"job {job_id!r} did not end within {timeout:g}s",
+                    )
+
+        return await self._each(one)
 
     async def kill(
         self,
@@ -112,10 +222,20 @@ class AsyncCluster:
         timeout: float | None = None,
         escalate: bool = True,
     ) -> builtins.list[NodeResult[Any]]:
-        """Kill the job on every node; ``JobStatus`` after the kill per node."""
-        return await self.fan_out(
-            lambda c: c.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
-        )
+        """Kill the job on every node; ``JobStatus`` after the kill per node.
+
+        A later watch-fed :meth:`poll` shows at least the states these answers show."""
+        watches = self._watches.get(job_id)
+
+        async def one(i: int) -> Any:
+            resp = await self.clients[i]._kill(
+                job_id, signal=signal, timeout=timeout, escalate=escalate
+            )
+            if watches is not None:
+                watches[i].offer(resp.job, resp.version)
+            return resp.job
+
+        return await self._each(one)
 
     async def launch(
         self,
@@ -150,6 +270,11 @@ class AsyncCluster:
         )
 
     async def close(self) -> None:
+        """Stop every watch, then close the channels. Idempotent."""
+        watched = [w for ws in self._watches.values() for w in ws]
+        self._watches.clear()
+        await _close_all(watched)
+        await asyncio.gather(*self._dropped, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.clients))
 
     async def __aenter__(self) -> AsyncCluster:
@@ -157,6 +282,10 @@ class AsyncCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _close_all(watches: Sequence[NodeWatch]) -> None:
+    await asyncio.gather(*(w.close() for w in watches))
 
 
 class _LoopThread:
@@ -255,11 +384,16 @@ class Cluster:
     def info(self) -> builtins.list[NodeResult[Any]]:
         return self._runner.run(self._async.info())
 
-    def poll(self, job_id: str) -> builtins.list[NodeResult[Any]]:
-        return self._runner.run(self._async.poll(job_id))
+    def poll(self, job_id: str, *, fresh: bool = False) -> builtins.list[NodeResult[Any]]:
+        """See :meth:`AsyncCluster.poll`: watch-fed unless ``fresh``."""
+        return self._runner.run(self._async.poll(job_id, fresh=fresh))
 
     def list(self) -> builtins.list[NodeResult[builtins.list[Any]]]:
         return self._runner.run(self._async.list())
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> bool:
+        """See :meth:`AsyncCluster.watch`."""
+        return self._runner.run(self._async.watch(job_id, timeout=timeout))
 
     def wait(self, job_id: str, *, timeout: float | None = None) -> builtins.list[NodeResult[Any]]:
         return self._runner.run(self._async.wait(job_id, timeout=timeout))

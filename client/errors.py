@@ -7,6 +7,7 @@ the status code, so a caller never has to catch ``grpc.RpcError``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ __all__ = [
     "AgentTimeout",
     "AgentUnavailable",
     "AlreadyExists",
+    "AuthenticationFailed",
     "ClusterError",
     "InvalidArgument",
     "JobFailed",
@@ -27,6 +29,8 @@ __all__ = [
     "NodeListError",
     "RankdError",
     "agent_error",
+    "cluster_error",
+    "refusal",
 ]
 
 
@@ -109,11 +113,73 @@ class ClusterError(RankdError):
         self.action = action
         self.errors = dict(errors)
         self.total = total
+        super().__init__(self._format())
+
+    def _format(self) -> str:
         shown = [f"  {err}" for err in list(self.errors.values())[:10]]
         if len(self.errors) > 10:
             shown.append(f"  ... and {len(self.errors) - 10} more")
-        head = f"{action}: {len(self.errors)} of {total} nodes failed"
-        super().__init__("\n".join([head, *shown]))
+        head = f"{self.action}: {len(self.errors)} of {self.total} nodes failed"
+        return "\n".join([head, *shown])
+
+
+# gRPC's own words for a failed TLS handshake, and the TLS hints the agent client adds
+# to UNAVAILABLE (a plaintext client at a TLS agent only sees "Socket closed").
+_TLS_TROUBLE = re.compile(r"tls|ssl|handshake|certificate", re.IGNORECASE)
+
+
+def refusal(err: BaseException) -> str | None:
+    """One line naming the node and why it refused this client, or None when ``err``
+    is not a refusal.
+
+    A refusal is what no retry can fix, only other settings: UNAUTHENTICATED (a
+    missing or wrong token), PERMISSION_DENIED (the agent's policy, e.g.
+    ``--allow-entrypoint``), or a connection that TLS settings broke (wrong CA, a
+    certificate naming another host, no client certificate under mutual TLS, or
+    plaintext against a TLS agent).
+    """
+    if not isinstance(err, AgentError):
+        return None
+    if err.code == "UNAUTHENTICATED":
+        return f"node {err.address} refused the token: {err.code}: {err.details}"
+    if err.code == "PERMISSION_DENIED":
+        return f"node {err.address} refused the request: {err.code}: {err.details}"
+    if isinstance(err, AgentUnavailable) and _TLS_TROUBLE.search(err.details):
+        return f"TLS connection to node {err.address} failed: {err.details}"
+    return None
+
+
+class AuthenticationFailed(ClusterError):
+    """Nodes refused this client: a missing or wrong token, a denied request, or a
+    failed TLS handshake (see :func:`refusal`). Retrying cannot help; other
+    settings (``--token-file``, ``--tls-*``) can.
+
+    A :class:`ClusterError`: ``errors`` maps every failed node's address to its
+    error (the refusals and any other failures). ``str(err)`` is one line per
+    failed node, refusals first; a single failed node makes one line in all.
+    """
+
+    def _format(self) -> str:
+        refused = [line for err in self.errors.values() if (line := refusal(err))]
+        others = [str(err) for err in self.errors.values() if refusal(err) is None]
+        lines = refused + others
+        if len(lines) == 1:
+            return lines[0]
+        head = f"{self.action}: {len(refused)} of {self.total} nodes refused this client"
+        if others:
+            head += f" ({len(others)} more failed otherwise)"
+        shown = [f"  {line}" for line in lines[:10]]
+        if len(lines) > 10:
+            shown.append(f"  ... and {len(lines) - 10} more")
+        return "\n".join([head, *shown])
+
+
+def cluster_error(action: str, errors: Mapping[str, Exception], total: int) -> ClusterError:
+    """The error for nodes that failed ``action``: :class:`AuthenticationFailed` when
+    any of them refused this client, else :class:`ClusterError`."""
+    if any(refusal(err) for err in errors.values()):
+        return AuthenticationFailed(action, errors, total)
+    return ClusterError(action, errors, total)
 
 
 class JobFailed(RankdError):

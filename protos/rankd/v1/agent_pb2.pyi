@@ -246,12 +246,14 @@ class PollRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class PollResponse(_message.Message):
-    __slots__ = ("job", "agent_time")
+    __slots__ = ("job", "agent_time", "version")
     JOB_FIELD_NUMBER: _ClassVar[int]
     AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     job: JobStatus
     agent_time: float
-    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., agent_time: _Optional[float] = ...) -> None: ...
+    version: int
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., agent_time: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Cursor(_message.Message):
     __slots__ = ("local_rank", "stream", "offset")
@@ -264,7 +266,7 @@ class Cursor(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("job_id", "ranks", "streams", "contains", "regex", "follow", "resume", "restart_count")
+    __slots__ = ("job_id", "ranks", "streams", "contains", "regex", "follow", "resume", "restart_count", "packed")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +275,7 @@ class StreamRequest(_message.Message):
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ranks: _containers.RepeatedScalarFieldContainer[int]
     streams: _containers.RepeatedScalarFieldContainer[StreamKind]
@@ -281,7 +284,8 @@ class StreamRequest(_message.Message):
     follow: bool
     resume: _containers.RepeatedCompositeFieldContainer[Cursor]
     restart_count: int
-    def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("local_rank", "stream", "offset", "text", "prefix", "partial")
@@ -299,17 +303,59 @@ class LogLine(_message.Message):
     partial: bool
     def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ..., text: _Optional[str] = ..., prefix: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
 
+class LogBlock(_message.Message):
+    __slots__ = ("local_rank", "stream", "offset", "data", "count", "prefix", "partial")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    stream: StreamKind
+    offset: int
+    data: bytes
+    count: int
+    prefix: str
+    partial: bool
+    def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., count: _Optional[int] = ..., prefix: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
+
 class StreamResponse(_message.Message):
-    __slots__ = ("lines", "end", "job", "restart_count")
+    __slots__ = ("lines", "blocks", "end", "job", "restart_count")
     LINES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    blocks: _containers.RepeatedCompositeFieldContainer[LogBlock]
     end: bool
     job: JobStatus
     restart_count: int
-    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ..., end: _Optional[bool] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[LogBlock, _Mapping]]] = ..., end: _Optional[bool] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("job_id", "until_ended", "heartbeat")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_ENDED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    until_ended: bool
+    heartbeat: float
+    def __init__(self, job_id: _Optional[str] = ..., until_ended: _Optional[bool] = ..., heartbeat: _Optional[float] = ...) -> None: ...
+
+class WatchResponse(_message.Message):
+    __slots__ = ("version", "job", "ended", "agent_time")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    job: JobStatus
+    ended: bool
+    agent_time: float
+    def __init__(self, version: _Optional[int] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ..., ended: _Optional[bool] = ..., agent_time: _Optional[float] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("job_id", "signal", "timeout", "no_escalate")
@@ -324,10 +370,12 @@ class KillRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[str] = ..., timeout: _Optional[float] = ..., no_escalate: _Optional[bool] = ...) -> None: ...
 
 class KillResponse(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "version")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     job: JobStatus
-    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()

@@ -53,6 +53,11 @@ class NodeAgentStub:
                 request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
                 response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/rankd.v1.NodeAgent/Watch',
+                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
+                _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/rankd.v1.NodeAgent/Kill',
                 request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
@@ -101,6 +106,18 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """The state of one job, pushed: its current JobStatus at once, then a new one
+        each time the job changes (attempt started, rank exited, state changed,
+        attempt ended). Changes that happen while a message is being built or sent,
+        or within 10 ms of the previous one, are folded into the next message, which
+        carries the latest state; the final state is never skipped. A lone change
+        is sent at once. See WatchRequest and WatchResponse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Kill(self, request, context):
         """Signal every rank's whole process tree; escalate to SIGKILL after timeout.
         """
@@ -140,6 +157,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.FromString,
                     response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.FromString,
+                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
@@ -242,6 +264,33 @@ class NodeAgent:
             '/rankd.v1.NodeAgent/Stream',
             protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
             protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rankd.v1.NodeAgent/Watch',
+            protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+            protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
