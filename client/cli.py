@@ -1,7 +1,9 @@
 """The ``rankd`` command: launch a job on many agents; status, logs and kill.
 
 Exit codes: 0 success; 1 the job failed (report on stderr); 2 usage errors,
-unreachable nodes and refused requests (one line on stderr); 130 after Ctrl-C
+unreachable nodes and bad requests (one line on stderr); 3 an agent refused this
+client: missing or wrong token, TLS settings that do not match the agent's, or
+a request its policy denies (one line per node on stderr); 130 after Ctrl-C
 (the job is killed on every node first); 143 after SIGTERM (likewise).
 """
 
@@ -19,6 +21,7 @@ from typing import IO
 
 from client.agent_client import DEFAULT_TIMEOUT
 from client.cli_jobs import (
+    EXIT_AUTH,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -29,14 +32,15 @@ from client.cli_jobs import (
     cmd_status,
     connection,
     error,
+    exit_code_for,
     node_list,
 )
 from client.cluster import Cluster
-from client.errors import JobFailed, RankdError
+from client.errors import AuthenticationFailed, JobFailed, RankdError, refusal
 from client.nodes import DEFAULT_PORT
 from client.torchrun import DEFAULT_PREFIX_TEMPLATE, OutputLine, Progress
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_AUTH", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
 
 _LAUNCH_EXAMPLES = """\
@@ -60,6 +64,14 @@ nodes: --nodes takes host[:port] entries separated by commas, with Slurm
 ranges allowed (node[01-04,07]:29600); --hostfile a file of one host[:port]
 per line (# comments). Without either, SLURM_JOB_NODELIST is used. Ports
 default to --port ({DEFAULT_PORT}, rankd-agent's default).
+"""
+
+
+_EXIT_CODES = """\
+exit codes: 0 success; 1 the job failed (report on stderr); 2 usage error,
+unreachable node or bad request; 3 an agent refused this client (token, TLS
+settings or its policy); 130 after Ctrl-C, 143 after SIGTERM (the job is
+stopped on every node first).
 """
 
 
@@ -134,7 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rankd",
         description="Run and inspect distributed jobs on rankd agents (one per node).",
-        epilog=_NODES_HELP + "\nRun `rankd COMMAND --help` for each command's options.",
+        epilog=_NODES_HELP
+        + "\n"
+        + _EXIT_CODES
+        + "\nRun `rankd COMMAND --help` for each command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -149,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
             "environment. Merges every rank's output, prefixed with its global rank; the "
             "first failure anywhere stops the job on every node; prints one failure report."
         ),
-        epilog=_LAUNCH_EXAMPLES + "\n" + _NODES_HELP,
+        epilog=_LAUNCH_EXAMPLES + "\n" + _NODES_HELP + "\n" + _EXIT_CODES,
         formatter_class=fmt,
     )
     _add_node_args(launch)
@@ -285,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
         "kill",
         help="stop a job on every node",
         description="Send a signal to every rank of a job on every node; SIGKILL after "
-        "--timeout unless --no-escalate.",
+        "--kill-timeout unless --no-escalate.",
         epilog="examples:\n  rankd kill my-run\n  rankd kill my-run --signal SIGUSR1 "
         "--no-escalate   # a preemption notice\n\n" + _NODES_HELP,
         formatter_class=fmt,
@@ -327,7 +342,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (RankdError, ValueError) as err:
+    except AuthenticationFailed as err:
+        error(str(err))
+        return EXIT_AUTH
+    except RankdError as err:
+        error(refusal(err) or str(err))
+        return exit_code_for(err)
+    except ValueError as err:
         error(str(err))
         return EXIT_USAGE
 

@@ -15,13 +15,14 @@ from typing import Any
 import grpc
 
 from client.cluster import AsyncCluster, Cluster
-from client.errors import JobNotFound, RankdError
+from client.errors import JobNotFound, RankdError, refusal
 from client.nodes import Node, resolve_nodes
 from client.report import NodeView, build_report, format_ranks
 from client.results import NodeResult
 from protos.rankd.v1 import agent_pb2
 
 __all__ = [
+    "EXIT_AUTH",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -32,18 +33,33 @@ __all__ = [
     "cmd_status",
     "connection",
     "error",
+    "exit_code_for",
+    "node_error",
     "node_list",
 ]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: An agent refused this client: token, TLS settings or permissions (no retry helps).
+EXIT_AUTH = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
 def error(message: str) -> None:
     print(f"rankd: error: {message}", file=sys.stderr, flush=True)
+
+
+def exit_code_for(err: BaseException) -> int:
+    """EXIT_AUTH for a refusal (token, TLS, permission), else EXIT_USAGE."""
+    return EXIT_AUTH if refusal(err) is not None else EXIT_USAGE
+
+
+def node_error(err: RankdError) -> int:
+    """Print one node's error as one line (a refusal says so); its exit code."""
+    error(refusal(err) or str(err))
+    return exit_code_for(err)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -126,7 +142,7 @@ def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     world = sum(s.nprocs for s in statuses)
     attempt = max(s.restart_count for s in statuses)
     overall = _overall([_state(s) for s in statuses])
-    where = f"{world} ranks on {len(found)} node{'s' * (len(found) != 1)}"
+    where = f"{world} rank{'s' * (world != 1)} on {len(found)} node{'s' * (len(found) != 1)}"
     print(f"job {args.run_id}: {overall}, attempt {attempt}, {where}")
     views: list[tuple[NodeView, Any]] = []
     for result in results:
@@ -155,23 +171,19 @@ def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _not_found(run_id: str, results: Sequence[NodeResult[Any]]) -> int:
     if all(isinstance(r.error, JobNotFound) for r in results):
         error(f"job {run_id} not found on any of the {len(results)} nodes")
-    else:
-        for r in results:
-            if not isinstance(r.error, JobNotFound):
-                error(str(r.error))
-    return EXIT_USAGE
+        return EXIT_USAGE
+    errors = [r.error for r in results if r.error and not isinstance(r.error, JobNotFound)]
+    return max((node_error(err) for err in errors), default=EXIT_USAGE)
 
 
 def _list_jobs(results: Sequence[NodeResult[list[Any]]], names: Sequence[str]) -> int:
     jobs: dict[str, list[Any]] = {}
-    failed = False
+    codes = [node_error(r.error) for r in results if r.error is not None]
     for result in results:
-        if not result.ok:
-            error(str(result.error))
-            failed = True
-            continue
-        for status in result.unwrap():
+        for status in result.value or ():
             jobs.setdefault(status.job_id, []).append(status)
+    if codes and not jobs:
+        return max(codes)
     print(f"{'JOB':<24} {'STATE':<10} {'ATTEMPT':>7} {'NODES':>5} {'RANKS':>6}  STARTED")
     for job_id, statuses in jobs.items():
         started = min(s.start_time for s in statuses)
@@ -181,7 +193,7 @@ def _list_jobs(results: Sequence[NodeResult[list[Any]]], names: Sequence[str]) -
             f"{max(s.restart_count for s in statuses):>7} {len(statuses):>5} "
             f"{sum(s.nprocs for s in statuses):>6}  {when}"
         )
-    return EXIT_USAGE if failed and not jobs else EXIT_OK
+    return EXIT_OK
 
 
 # -- logs ----------------------------------------------------------------------
@@ -201,9 +213,9 @@ async def _logs(args: argparse.Namespace, nodes: Sequence[Node]) -> int:
         wanted = set(args.ranks) if args.ranks is not None else None
         plans: list[tuple[int, list[int]]] = []
         for result in results:
-            if not result.ok:
+            if result.error is not None:
                 if not isinstance(result.error, JobNotFound):
-                    error(str(result.error))
+                    node_error(result.error)
                 continue
             status = result.unwrap()
             offset = status.spec.rank_offset
@@ -251,8 +263,7 @@ def cmd_kill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if isinstance(result.error, JobNotFound):
             print(f"{name}: job not found")
         elif result.error is not None:
-            error(str(result.error))
-            code = EXIT_USAGE
+            code = max(code, node_error(result.error))
         else:
             status = result.unwrap()
             print(f"{name}: {_state(status)} ({status.nprocs} ranks)")

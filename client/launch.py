@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from string import Template
 from typing import IO, TYPE_CHECKING, Any
 
-from client.errors import AgentError, ClusterError, JobFailed, JobNotFound, RankdError
+from client.errors import AgentError, JobFailed, JobNotFound, RankdError, cluster_error
 from client.report import FailureReport, NodeView, RankFailure, build_report
-from client.results import raise_for_errors
 from client.torchrun import (
     DEFAULT_PREFIX_TEMPLATE,
     LaunchConfig,
@@ -189,7 +188,11 @@ class _Launch:
     # -- the run ----------------------------------------------------------------
 
     async def run(self) -> LaunchResult:
-        infos = raise_for_errors("cannot reach every node", await self.cluster.info())
+        answers = await self.cluster.info()
+        errors = {str(r.node): r.error for r in answers if r.error is not None}
+        if errors:  # a refusal (token, TLS) is named as such, not as "cannot reach"
+            raise cluster_error("cannot reach every node", errors, self.nnodes)
+        infos = [r.unwrap() for r in answers]
         await self.cluster.info()  # a second round trip: a tighter clock estimate
         master_addr = self.config.master_addr or self.cluster.nodes[0].host
         restart_count = 0
@@ -258,7 +261,7 @@ class _Launch:
         if errors:
             # Stop only what this call started: a clash must not kill another job.
             await self.kill_everywhere(only=created)
-            raise ClusterError(f"cannot start job {self.run_id}", errors, self.nnodes)
+            raise cluster_error(f"cannot start job {self.run_id}", errors, self.nnodes)
         return [r.job for r in results]  # type: ignore[union-attr]
 
     async def attempt(
@@ -266,8 +269,9 @@ class _Launch:
     ) -> tuple[tuple[Any, ...], FailureReport | None]:
         """Run one attempt everywhere; (final statuses, report or None on success)."""
         self.event(
-            f"attempt {restart_count}: starting job {self.run_id}, {self.world_size} ranks on "
-            f"{self.nnodes} nodes (MASTER_ADDR={master_addr} MASTER_PORT={port})"
+            f"attempt {restart_count}: starting job {self.run_id}, "
+            f"{_count(self.world_size, 'rank')} on {_count(self.nnodes, 'node')} "
+            f"(MASTER_ADDR={master_addr} MASTER_PORT={port})"
         )
         await self.start(restart_count, master_addr, port)
         run = _Attempt(self, restart_count)
@@ -413,6 +417,10 @@ class _Attempt:
         )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _root_line(report: FailureReport) -> str:
     root = report.root_cause
     if root is None:
@@ -438,7 +446,9 @@ async def run_launch(
     ``on_event`` one-line notices (attempt started, failure, restart; default:
     the module logger); ``on_progress`` a :class:`Progress` every
     ``progress_interval`` seconds. Raises ``ClusterError`` when a node cannot
-    be reached or refuses the job, ``JobFailed`` when the job failed.
+    be reached or refuses the job (``AuthenticationFailed``, a ``ClusterError``,
+    when a node refused this client's token, TLS settings or permissions),
+    ``JobFailed`` when the job failed.
     """
     launch = _Launch(
         cluster,

@@ -267,7 +267,7 @@ def test_bearer_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert err.value.code == "UNAUTHENTICATED"
         with AgentClient(agent.address, timeout=5, token=token) as client:
             assert client.info().free_port > 0
-        assert main(["status", "--nodes", agent.address], environ={}) == 2
+        assert main(["status", "--nodes", agent.address], environ={}) == 3  # refused
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         argv = ["status", "--nodes", agent.address, "--token-file", str(token_file)]
         assert main(argv, environ={}) == 0

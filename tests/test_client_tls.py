@@ -317,9 +317,10 @@ def _rankd(
     )
 
 
-def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The CLI's single error line (exit 2, no traceback); gRPC's own logs aside."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
+def _one_error_line(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The CLI's single error line (exit ``code``, no traceback); gRPC's own logs aside.
+    Exit 3 = an agent refused this client (token, TLS), 2 = any other error."""
+    assert result.returncode == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     ours = [line for line in result.stderr.splitlines() if not _GRPC_LOG.match(line)]
     heads = [line for line in ours if line.startswith("rankd: error: ")]
@@ -367,7 +368,7 @@ def test_cli_over_mutual_tls(mtls_agents: list[Agent], pki: Pki, tmp_path: Path)
     assert override.returncode == 0, override.stderr
     first = mtls_agents[0].address
     assert "wrong bearer token" in _one_error_line(
-        _rankd("status", "cli-tls", "--nodes", first, *tls, env=wrong_env)
+        _rankd("status", "cli-tls", "--nodes", first, *tls, env=wrong_env), code=3
     )
 
 
@@ -386,10 +387,13 @@ def test_cli_wrong_settings_are_one_line_errors(mtls_agents: list[Agent], pki: P
         "cannot read CA file": ["--tls-ca", pki.path("missing.pem"), *cert, *token],
         "cannot read token file": [*ca, *cert, "--token-file", pki.path("missing-token")],
     }
+    local = {"needs both --tls-cert and --tls-key", "cannot read CA file", "cannot read token file"}
     for needle, flags in cases.items():
         for command in (["status", "some-run"], ["launch", "--", PYTHON, "-c", "pass"]):
             message = _one_error_line(
-                _rankd(*command[:1], "--nodes", address, *flags, *command[1:])
+                _rankd(*command[:1], "--nodes", address, *flags, *command[1:]),
+                code=2 if needle in local else 3,  # 3: the agent refused this client
             )
             assert needle in message, (needle, command[0], message)
+            assert needle in local or f"node {address}" in message
     assert list(mtls_agents[0].log_dir.iterdir()) == []  # nothing was started

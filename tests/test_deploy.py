@@ -77,3 +77,37 @@ def test_kubernetes_manifests() -> None:
     assert args["token-file"].startswith(mounts["token"] + "/")
     assert args["tls-cert"].startswith(mounts["tls"] + "/")
     assert args["log-dir"] == mounts["logs"]
+
+
+def test_kubernetes_agent_user_can_read_its_secrets_and_write_its_logs() -> None:
+    """The agent runs as the image's non-root user: the secrets and the log directory
+    must be usable by it (root-owned 0400 files and a root-owned hostPath are not)."""
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "rankd-agent.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    user, group = security["runAsUser"], security["runAsGroup"]
+    assert security["runAsNonRoot"] is True and user != 0
+    assert security["fsGroup"] == group  # secret files become group `group`
+
+    # The image's user is the one the manifest runs as.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"^USER {user}:{group}$", dockerfile, flags=re.M)
+    assert f"--uid {user}" in dockerfile and f"--gid {group}" in dockerfile
+
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            mode = volume["secret"]["defaultMode"]
+            assert mode & 0o040, volume  # readable by fsGroup, i.e. by the agent
+            assert mode & 0o007 == 0, volume  # never by others
+
+    (container,) = pod["containers"]
+    log_dir = dict(a.removeprefix("--").split("=", 1) for a in container["args"])["log-dir"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["chown", f"{user}:{group}", log_dir]
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {log_dir}
+    assert init["image"] == container["image"]
+
+
+def test_docker_build_context_leaves_out_the_venv() -> None:
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git"} <= set(ignored)

@@ -274,6 +274,26 @@ def test_failing_job_fails_the_script(slurm: Slurm) -> None:
     _agents_are_gone(slurm)
 
 
+def test_refused_credentials_fail_fast_with_exit_3(slurm: Slurm) -> None:
+    # A client whose token the agents refuse (here: `rankd` forced to another token) cannot
+    # get in by waiting: the script stops at once, names the node, and exits 3.
+    wrong = slurm.tmp / "wrong-token"
+    wrong.write_text("not-this-jobs-token-0123456789\n")
+    wrong.chmod(0o600)
+    wrapper = slurm.tmp / "bin" / "rankd-wrong-token"
+    _write_executable(wrapper, f'#!/usr/bin/env bash\nexec rankd "$@" --token-file "{wrong}"\n')
+    slurm.env.update(RANKD=str(wrapper), START_TIMEOUT="60")
+    started = time.monotonic()
+    result = slurm.run(sys.executable, str(slurm.job), str(slurm.rankd_dir / "token"), "-1")
+    assert result.returncode == 3, result.stderr
+    assert time.monotonic() - started < 30
+    assert re.search(r"node 127\.0\.0\.[12]:\d+ refused the token", result.stderr), result.stderr
+    assert "refused this job's token or TLS settings" in result.stderr
+    assert "RANK=" not in result.stdout
+    assert not (slurm.rankd_dir / "token").exists()
+    _agents_are_gone(slurm)
+
+
 def test_scancel_stops_ranks_and_agents(slurm: Slurm) -> None:
     # scancel / the time limit: Slurm sends SIGTERM to every process of the job's steps.
     proc = slurm.start(sys.executable, str(slurm.job), str(slurm.rankd_dir / "token"), "sleep")

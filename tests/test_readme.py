@@ -1,56 +1,169 @@
-"""The README's commands run as written: every shell block marked as tested is executed."""
+"""The README's commands run as written: every shell block marked as tested is executed.
+
+A tested block is a fenced ``sh`` block right after a ``<!-- tested ... -->`` line; the
+next plain fenced block is what it prints. The block runs with ``bash -euo pipefail`` in
+a temporary directory that stands for a checkout (``deploy/`` and ``examples/`` are
+linked into it), with this venv's ``bin`` first on ``PATH`` and ``$PORT`` a free port.
+Every shown line must appear in its stdout, where the block's default port (its
+``PORT=${PORT:-N}`` line) stands for the free port and ``pid N`` for any pid. No
+process the block started may outlive it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 MARK = "<!-- tested"
+BLOCK_TIMEOUT = 60.0
+# Set in every tested block's environment; a process that still carries it after the
+# block ended was left behind (ranks inherit it from their agent).
+LEFTOVER_VAR = "RANKD_README_BLOCK_ID"
+_BLOCK_RE = re.compile(
+    r"^<!-- tested[^\n]*-->\n```sh\n(?P<block>.*?)^```\n(?P<after>.*?)^```\n(?P<shown>.*?)^```",
+    flags=re.S | re.M,
+)
 
 
-def readme_blocks() -> list[str]:
+@dataclass(frozen=True)
+class Block:
+    title: str
+    script: str
+    shown: list[str]
+
+    @property
+    def default_port(self) -> str | None:
+        found = re.search(r"^PORT=\$\{PORT:-(\d+)\}", self.script, flags=re.M)
+        return found.group(1) if found else None
+
+
+def readme_blocks() -> list[Block]:
     text = README.read_text()
-    return re.findall(r"<!-- tested[^\n]*-->\n```sh\n(.*?)```", text, flags=re.S)
+    blocks = []
+    for found in _BLOCK_RE.finditer(text):
+        heading = re.findall(r"^## (.+)$", text[: found.start()], flags=re.M)
+        assert "```" not in found.group("after"), "a tested block must be followed by its output"
+        blocks.append(
+            Block(
+                title=heading[-1] if heading else "top",
+                script=found.group("block"),
+                shown=found.group("shown").splitlines(),
+            )
+        )
+    return blocks
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 and 127.0.0.2 (blocks may start an agent on each)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                with socket.socket() as second:
+                    second.bind(("127.0.0.2", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free on both loopback addresses")
 
 
-def test_readme_has_readme_blocks() -> None:
-    assert README.read_text().count(MARK) == len(readme_blocks()) >= 1
+def _left_behind(block_id: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(LEFTOVER_VAR) == (
+                block_id
+            ):
+                found.append(proc)
+    return found
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("block", readme_blocks())
-def test_readme_block_runs(block: str, tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PORT"] = str(_free_port())
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
+def _expected_line(line: str) -> str:
+    """A shown line as a regex: exact, except that a pid is any number."""
+    parts = re.split(r"(pid \d+)", line)
+    return "".join(r"pid \d+" if re.fullmatch(r"pid \d+", p) else re.escape(p) for p in parts)
+
+
+def test_readme_has_tested_blocks() -> None:
+    text = README.read_text()
+    blocks = readme_blocks()
+    assert text.count(MARK) == len(blocks) >= 3
+    titles = {b.title for b in blocks}
+    assert {"CLI", "Deploying", "Security"} <= titles, titles
+    for block in blocks:
+        assert block.shown, f"the block under {block.title!r} shows no output"
+        assert block.default_port, f"the block under {block.title!r} has no PORT=${{PORT:-N}}"
+
+
+def test_expected_line_pattern() -> None:
+    pattern = _expected_line("    rank 0 (local 0): SUCCEEDED  pid 24380  exit 0")
+    assert re.fullmatch(pattern, "    rank 0 (local 0): SUCCEEDED  pid 7  exit 0")
+    assert not re.fullmatch(pattern, "    rank 0 (local 0): FAILED     pid 7  exit 0")
+
+
+@pytest.mark.timeout(BLOCK_TIMEOUT + 30)
+@pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b.title)
+def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
+    if "openssl " in block.script and shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    for name in ("deploy", "examples"):  # the block runs as if in a checkout
+        (tmp_path / name).symlink_to(ROOT / name)
+    block_id = uuid.uuid4().hex
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKD_", "SLURM_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        PORT=port,
+        **{LEFTOVER_VAR: block_id},
+    )
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", block.script],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=100,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    shown = README.read_text().split(block, 1)[1].split("```", 1)[1]  # past its fence
-    expected = re.search(r"```\n(.*?)```", shown, flags=re.S)
-    assert expected is not None
-    for line in expected.group(1).splitlines():
-        # pids differ from run to run; everything else must match what the README shows
-        pattern = (
-            re.escape(line).replace(r"pid\ 24380", r"pid\ \d+").replace(r"pid\ 24381", r"pid\ \d+")
-        )
-        assert re.search(f"^{pattern}$", result.stdout, flags=re.M), (line, result.stdout)
+    started = time.monotonic()
+    try:
+        stdout, stderr = proc.communicate(timeout=BLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"block ran over {BLOCK_TIMEOUT}s:\n{stdout}\n{stderr}") from None
+    finally:
+        leftovers = _left_behind(block_id)
+        deadline = time.monotonic() + 5
+        while leftovers and time.monotonic() < deadline:  # exiting right now is fine
+            time.sleep(0.05)
+            leftovers = _left_behind(block_id)
+        left_behind = []
+        for left in leftovers:
+            with contextlib.suppress(psutil.Error):
+                left_behind.append(" ".join(left.cmdline()))
+                left.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert time.monotonic() - started < BLOCK_TIMEOUT
+    assert not left_behind, left_behind
+
+    if block.default_port:
+        stdout = stdout.replace(f":{port}", f":{block.default_port}")
+    for line in block.shown:
+        assert re.search(f"^{_expected_line(line)}$", stdout, flags=re.M), (line, stdout, stderr)
