@@ -147,7 +147,14 @@ def test_kill_and_follow_a_running_job(
                 f"[default{r}]:ready {r}" for r in range(4)
             ]
             assert main(["kill", *argv, "--signal", "SIGUSR2", "--no-escalate"], environ={}) == 0
-            assert capsys.readouterr().out.count(": RUNNING (2 ranks)") == 2
+            # Each node answers with the state right after the signal went out: its ranks
+            # still run, unless the launch already saw the other node fail and stopped it
+            # (its watch reports a failure within a millisecond or so).
+            out = capsys.readouterr().out
+            states = [
+                s for s in ("RUNNING", "FAILED", "KILLED") for _ in range(out.count(f": {s} ("))
+            ]
+            assert len(states) == 2 and "RUNNING" in states, out
             # SIGUSR2's default action ends the ranks: that is a failure, the
             # launch stops everything and reports it.
             launcher.join(timeout=30)
