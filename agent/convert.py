@@ -109,15 +109,19 @@ def _rank_to_pb(
         error_file=rank.error_file,
         last_output_time=attempt.logs.last_output.get(rank.local_rank, 0.0),
     )
-    for stream, path in ((1, rank.stdout_path), (2, rank.stderr_path)):
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            continue
-        if stream == 1:
-            msg.stdout_bytes = size
-        else:
-            msg.stderr_bytes = size
+    if rank.exit_code is not None and rank.stdout_bytes >= 0:  # taken at the exit
+        msg.stdout_bytes = rank.stdout_bytes
+        msg.stderr_bytes = max(rank.stderr_bytes, 0)
+    else:
+        for stream, path in ((1, rank.stdout_path), (2, rank.stderr_path)):
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                continue
+            if stream == 1:
+                msg.stdout_bytes = size
+            else:
+                msg.stderr_bytes = size
     if rank.exit_code is not None:
         msg.exit_code = rank.exit_code
     else:

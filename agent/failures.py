@@ -59,8 +59,10 @@ def read_failure(
     error_file: str,
     stderr_path: str,
     terminated_by_agent: bool,
+    stderr_size: int | None = None,
 ) -> Failure:
-    """Build the failure record of a rank that exited with `exit_code` at `exit_time`."""
+    """Build the failure record of a rank that exited with `exit_code` at `exit_time`.
+    `stderr_size`, when the caller knows it: 0 spares opening an empty stderr."""
     failure = Failure(
         local_rank=local_rank,
         pid=pid,
@@ -68,7 +70,7 @@ def read_failure(
         signal_name=signal_name(exit_code),
         timestamp=exit_time,
         terminated_by_agent=terminated_by_agent,
-        stderr_tail=stderr_tail(stderr_path),
+        stderr_tail=stderr_tail(stderr_path) if stderr_size != 0 else [],
     )
     if os.path.isfile(error_file):
         _apply_error_file(failure, error_file, exit_time)

@@ -73,6 +73,9 @@ class Rank:
     exit_code: int | None = None
     state: RankState = RankState.RUNNING
     failure: Failure | None = None
+    # sizes of the rank's files when it exited (-1: unknown), for its final status
+    stdout_bytes: int = -1
+    stderr_bytes: int = -1
     terminated_by_agent: bool = False
 
     @property
@@ -511,6 +514,8 @@ class Supervisor:
         self._rank_pids.discard(rank.pid)
         rank.exit_code = code
         rank.end_time = exit_time
+        rank.stdout_bytes = _size(rank.stdout_path)
+        rank.stderr_bytes = _size(rank.stderr_path)
         if code == 0:
             rank.state = RankState.SUCCEEDED
         else:
@@ -523,6 +528,7 @@ class Supervisor:
                 error_file=rank.error_file,
                 stderr_path=rank.stderr_path,
                 terminated_by_agent=rank.terminated_by_agent,
+                stderr_size=rank.stderr_bytes,
             )
         self.exit_counts[rank.state.value.lower()] += 1
         for hook in self.exit_hooks:
@@ -695,6 +701,13 @@ def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
         ctx["local_rank"] = rank.local_rank
         ctx["pid"] = rank.pid
     return ctx
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _job_record(job: Job) -> dict[str, Any]:
