@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from agent import __version__
+from agent import __version__, wire
 from agent.errors import RankdError
 from agent.logfmt import configure_logging
 from agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
@@ -24,7 +24,7 @@ from agent.security import TokenInterceptor, check_bind_policy, load_token, serv
 from agent.service import NodeAgentService
 from agent.specs import Limits
 from agent.supervisor import Supervisor
-from protos.rankd.v1 import agent_pb2, agent_pb2_grpc
+from protos.rankd.v1 import agent_pb2
 
 __all__ = ["DEFAULT_PORT", "create_server", "default_log_dir", "main", "stop_server"]
 
@@ -74,7 +74,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(supervisor, stats), server)
+    wire.register(NodeAgentService(supervisor, stats), server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -34,6 +34,7 @@ from agent.metrics import StreamStats
 from agent.specs import parse_signal, validate_job_id
 from agent.supervisor import Attempt, Supervisor
 from agent.watch import Update, check_heartbeat, job_updates
+from agent.wire import packed_response
 from protos.rankd.v1 import agent_pb2 as pb
 from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
 
@@ -160,8 +161,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         stats.active += 1
         try:
             async for blocks in reader.blocks():
-                if reader.packed:
-                    yield _packed_response(blocks, prefixes, count, stats)
+                if reader.packed:  # encoded here; see agent.wire
+                    _count_packed(blocks, stats)
+                    yield packed_response(blocks, prefixes, count)  # type: ignore[misc]
                     continue
                 response = pb.StreamResponse(restart_count=count)
                 add = response.lines.add
@@ -264,29 +266,10 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         return attempt, reader
 
 
-def _packed_response(
-    chunks: list[Chunk], prefixes: list[str], restart_count: int, stats: StreamStats
-) -> pb.StreamResponse:
-    """One message of LogBlocks: the agent's bytes as read, no per-line work."""
-    response = pb.StreamResponse(
-        restart_count=restart_count,
-        blocks=[
-            pb.LogBlock(
-                local_rank=c.local_rank,
-                stream=c.stream,  # type: ignore[arg-type]
-                offset=c.offset,
-                data=c.data,
-                count=c.nlines,
-                prefix=prefixes[c.local_rank],
-                partial=c.partial,
-            )
-            for c in chunks
-        ],
-    )
+def _count_packed(chunks: list[Chunk], stats: StreamStats) -> None:
     stats.lines += sum(c.nlines for c in chunks)
     # as for lines: the text, without newlines
     stats.bytes += sum(len(c.data) - (0 if c.partial else c.nlines) for c in chunks)
-    return response
 
 
 def _line_filter(contains: str, regex: str) -> Callable[[str], bool] | None:

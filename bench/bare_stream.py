@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from agent import wire
 from bench.workers import flood_line
 from protos.rankd.v1 import agent_pb2 as pb
 from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
@@ -60,7 +61,8 @@ class BareStream(pb_grpc.NodeAgentServicer):
                 )
             )
         self._blocks = blocks
-        self._packed = pb.StreamResponse(blocks=blocks)
+        # encoded once, sent as bytes: the transport alone (see agent.wire)
+        self._packed = pb.StreamResponse(blocks=blocks).SerializeToString()
 
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
@@ -69,7 +71,7 @@ class BareStream(pb_grpc.NodeAgentServicer):
         if request.packed:
             full, rest = divmod(total, self._block_lines)
             for _ in range(full):
-                yield self._packed
+                yield self._packed  # type: ignore[misc]
             per_block = self._block_lines // _BLOCKS
             whole, extra = divmod(rest, per_block)
             last = [*self._blocks[:whole]]
@@ -96,7 +98,7 @@ async def _serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", _MAX_MESSAGE)])
-    pb_grpc.add_NodeAgentServicer_to_server(BareStream(), server)
+    wire.register(BareStream(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
