@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import psutil
 
-from agent.linux import MARKER_ENV, children_of, descendants, read_environ_marker
+from agent.linux import MARKER_ENV, Spawner, children_of, descendants, read_environ_marker
 
 __all__ = [
     "MARKER_ENV",
@@ -38,20 +39,32 @@ logger = logging.getLogger(__name__)
 def spawn(
     argv: list[str],
     *,
-    env: Mapping[str, str],
+    env: list[bytes],
     cwd: str | None,
     stdout_path: str,
     stderr_path: str,
 ) -> int:
-    """Start one rank in a new session, its output appended straight to its files, and
-    return its pid (reaped by `ExitWatch`)."""
+    """Start one rank (argv[0] an absolute path; `env` as "KEY=value" bytes) in a new
+    session, its output appended straight to its files, and return its pid (reaped by
+    `ExitWatch`). Raises OSError when it cannot start. posix_spawn where glibc has what
+    it needs, else Popen."""
+    spawner = _spawner()
+    if spawner is not None:
+        return spawner.spawn(
+            argv[0],
+            argv,
+            env,
+            stdout_path=stdout_path,
+            stderr_path=stderr_path,
+            cwd=cwd,
+        )
     with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=dict(env),
+            env=dict(item.split(b"=", 1) for item in env),
             cwd=cwd or None,
             start_new_session=True,
             close_fds=True,
@@ -60,6 +73,15 @@ def spawn(
     # finalizer from queueing the pid for subprocess' own reaping, which would race ours.
     popen.returncode = 0
     return popen.pid
+
+
+@functools.cache
+def _spawner() -> Spawner | None:
+    try:
+        return Spawner()
+    except (AttributeError, OSError) as err:  # glibc < 2.34, or not glibc
+        logger.info("posix_spawn unavailable (%s); starting ranks with subprocess", err)
+        return None
 
 
 class ExitWatch:

@@ -101,6 +101,7 @@ class Attempt:
     marker: str = ""
     terminating: asyncio.Task[None] | None = None
     spec_record: dict[str, Any] | None = field(default=None, repr=False)  # job.json's, cached
+    env_common: dict[str, bytes] | None = field(default=None, repr=False)  # see _rank_env
     recorded: concurrent.futures.Future[None] | None = None  # the final job.json write
     # Wire forms that no longer change (the spec's, ended ranks'), kept by agent.convert.
     wire: dict[Any, Any] = field(default_factory=dict, repr=False)
@@ -469,17 +470,23 @@ class Supervisor:
             self._watcher.unwatch(attempt.logs)
         shutil.rmtree(remove_dir, ignore_errors=True)
 
-    def _rank_env(
-        self, spec: JobSpec, local_rank: int, error_file: str, marker: str
-    ) -> dict[str, str]:
-        env = dict(spec.default_env)
-        env.update(self._base_env)
-        env.update(spec.env)
-        env.update(spec.rank_env.get(local_rank, {}))
-        env["LOCAL_RANK"] = str(local_rank)
-        env["TORCHELASTIC_ERROR_FILE"] = error_file
-        env[procs.MARKER_ENV] = marker
-        return env
+    def _rank_env(self, attempt: Attempt, local_rank: int, error_file: str) -> list[bytes]:
+        """The rank's environment as "KEY=value" bytes. The part every rank shares is
+        encoded once per attempt."""
+        spec = attempt.spec
+        common = attempt.env_common
+        if common is None:
+            merged = dict(spec.default_env)
+            merged.update(self._base_env)
+            merged.update(spec.env)
+            common = attempt.env_common = {k: _env_item(k, v) for k, v in merged.items()}
+        env = dict(common)
+        for key, value in spec.rank_env.get(local_rank, {}).items():
+            env[key] = _env_item(key, value)
+        env["LOCAL_RANK"] = _env_item("LOCAL_RANK", str(local_rank))
+        env["TORCHELASTIC_ERROR_FILE"] = _env_item("TORCHELASTIC_ERROR_FILE", error_file)
+        env[procs.MARKER_ENV] = _env_item(procs.MARKER_ENV, attempt.marker)
+        return list(env.values())
 
     def _spawn_rank(
         self, loop: asyncio.AbstractEventLoop, attempt: Attempt, local_rank: int
@@ -488,7 +495,7 @@ class Supervisor:
         error_file = logs.error_file(local_rank)
         pid = procs.spawn(
             spec.argv(local_rank),
-            env=self._rank_env(spec, local_rank, error_file, attempt.marker),
+            env=self._rank_env(attempt, local_rank, error_file),
             cwd=spec.cwd,
             stdout_path=logs.path(local_rank, STDOUT),
             stderr_path=logs.path(local_rank, STDERR),
@@ -701,6 +708,10 @@ def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
         ctx["local_rank"] = rank.local_rank
         ctx["pid"] = rank.pid
     return ctx
+
+
+def _env_item(key: str, value: str) -> bytes:
+    return os.fsencode(key) + b"=" + os.fsencode(value)
 
 
 def _size(path: str) -> int:
