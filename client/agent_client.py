@@ -64,6 +64,32 @@ JobStatus = agent_pb2.JobStatus
 LogLine = agent_pb2.LogLine
 
 
+def unpack_block(block: Any) -> list[Any]:
+    """The ``LogLine`` messages of a packed ``LogBlock``: the same lines, cursors and
+    prefix as an unpacked stream sends. Splitting here spares the agent's CPU, which
+    belongs to the ranks."""
+    raws = block.data.split(b"\n")
+    if not block.partial:
+        raws.pop()  # after the last newline
+    line_type = agent_pb2.LogLine
+    out = []
+    cursor = block.offset
+    newline = 0 if block.partial else 1
+    for raw in raws:
+        cursor += len(raw) + newline
+        out.append(
+            line_type(
+                local_rank=block.local_rank,
+                stream=block.stream,
+                offset=cursor,
+                text=raw.decode("utf-8", errors="replace"),
+                prefix=block.prefix,
+                partial=block.partial,
+            )
+        )
+    return out
+
+
 def stream_kind(stream: str | int) -> int:
     """``"stdout"``/``"stderr"`` (or the enum value) -> ``StreamKind``."""
     if isinstance(stream, int):
@@ -161,6 +187,7 @@ class _StreamState:
             regex=self.regex,
             follow=self.follow,
             resume=self.cursors(),
+            packed=True,  # the agent sends raw blocks, we split them (see take)
         )
         if self.restart_count is not None:
             req.restart_count = self.restart_count
@@ -182,6 +209,10 @@ class _StreamState:
         for line in resp.lines:
             self.offsets[(line.local_rank, line.stream)] = line.offset
             self.pending.append(line)
+        for block in resp.blocks:
+            lines = unpack_block(block)
+            self.offsets[(block.local_rank, block.stream)] = lines[-1].offset
+            self.pending.extend(lines)
         # An answer means the connection works again: the retry budget is per outage.
         self.attempt = 0
         self.retries_left = self.retries

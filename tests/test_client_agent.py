@@ -45,6 +45,9 @@ import os, sys, time
 n, gate = int(sys.argv[1]), sys.argv[2]
 for i in range(n):
     print(f"line {i}")
+    if i % 100 == 99:  # bursts over ~1 s: a stream of many messages, to cut
+        sys.stdout.flush()
+        time.sleep(0.005)
     if i == n // 2:
         sys.stdout.flush()
         deadline = time.monotonic() + 60

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 from conftest import AgentProcess, wait_until
 
+from client.agent_client import unpack_block
 from protos.rankd.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,6 +78,10 @@ def test_packed_stream_carries_exactly_the_lines(
     assert not any(r.blocks for r in plain)
     assert all(r.blocks and not r.lines for r in packed if not r.end)
     assert _per_file(_lines(packed)) == _per_file(_lines(plain))
+
+    # the client's own unpacking gives the very LogLine messages an unpacked stream sends
+    unpacked = [ln for r in packed for b in r.blocks for ln in unpack_block(b)]
+    assert _per_file(_lines([pb.StreamResponse(lines=unpacked)])) == _per_file(_lines(plain))
 
     lines = _per_file(_lines(packed))[(0, pb.STDOUT)]
     assert len(lines) == 3000 + 3 + 4 + 1 + 1  # the long line comes in four pieces
