@@ -13,12 +13,13 @@ import functools
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 import psutil
 
-from agent.linux import MARKER_ENV, Spawner, children_of, descendants, read_environ_marker
+from agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker
 
 __all__ = [
     "MARKER_ENV",
@@ -126,8 +127,24 @@ def send_signal(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
 
 
 def agent_children() -> set[int]:
-    """Direct children of this process (cheap: /proc/self/task/*/children)."""
-    return set(children_of(os.getpid()))
+    """Direct children of this process that matter to the agent: those of the calling
+    thread (the loop's, which starts every rank) and of the main thread (the kernel
+    hands orphans to a subreaper's first live thread, the main one). Two reads, not one
+    per thread of the process."""
+    pid = os.getpid()
+    found = set(_task_children(pid, pid))
+    tid = threading.get_native_id()
+    if tid != pid:
+        found.update(_task_children(pid, tid))
+    return found
+
+
+def _task_children(pid: int, tid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def attempt_processes(
