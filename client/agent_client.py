@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import grpc.aio
@@ -239,7 +240,42 @@ class _StreamState:
         return delay
 
 
-class LogStream(Iterator[Any]):
+class _Cancellable:
+    """A streaming RPC that ``close()`` cancels; the base of the stream iterators."""
+
+    _call: Any = None
+    _closed = False
+
+    def close(self) -> None:
+        """Cancel the RPC. Idempotent."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+
+class _SyncCall(_Cancellable):
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AsyncCall(_Cancellable):
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        if self._call is not None:
+            # until gRPC has taken the cancellation (its own task for the call ends), so
+            # that leaving the block leaves nothing running
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(1.0):
+                    await self._call.code()
+
+
+class LogStream(_SyncCall, Iterator[Any]):
     """Iterator of ``LogLine`` from one agent, reconnecting on UNAVAILABLE.
 
     After a broken connection it resumes from the cursors of the lines already
@@ -302,24 +338,12 @@ class LogStream(Iterator[Any]):
         delay = self._state.backoff(self._client.address, err)
         time.sleep(delay)
 
-    def close(self) -> None:
-        """Cancel the stream. Idempotent."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-
-    def __enter__(self) -> LogStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _watch_request(job_id: str, until_ended: bool, heartbeat: float) -> Any:
     return agent_pb2.WatchRequest(job_id=job_id, until_ended=until_ended, heartbeat=heartbeat)
 
 
-class StatusWatch(Iterator[Any]):
+class StatusWatch(_SyncCall, Iterator[Any]):
     """Iterator of ``WatchResponse`` from one agent (see :meth:`AgentClient.watch`).
 
     Ends after the ``ended`` message of an ``until_ended`` watch, or when the agent
@@ -352,18 +376,6 @@ class StatusWatch(Iterator[Any]):
             if self._closed:
                 raise StopIteration from None
             raise _error(self._client.address, err, tls=self._client._tls) from err
-
-    def close(self) -> None:
-        """Cancel the RPC. Idempotent."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-
-    def __enter__(self) -> StatusWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AgentClient:
@@ -532,7 +544,7 @@ class AgentClient:
         self.close()
 
 
-class AsyncLogStream(AsyncIterator[Any]):
+class AsyncLogStream(_AsyncCall, AsyncIterator[Any]):
     """The asyncio twin of :class:`LogStream`."""
 
     def __init__(self, client: AsyncAgentClient, state: _StreamState) -> None:
@@ -588,20 +600,8 @@ class AsyncLogStream(AsyncIterator[Any]):
         delay = self._state.backoff(self._client.address, err)
         await asyncio.sleep(delay)
 
-    def close(self) -> None:
-        """Cancel the stream. Idempotent."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
 
-    async def __aenter__(self) -> AsyncLogStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncStatusWatch(AsyncIterator[Any]):
+class AsyncStatusWatch(_AsyncCall, AsyncIterator[Any]):
     """The asyncio twin of :class:`StatusWatch`."""
 
     def __init__(self, client: AsyncAgentClient, request: Any, timeout: float | None) -> None:
@@ -630,18 +630,6 @@ class AsyncStatusWatch(AsyncIterator[Any]):
             if self._closed:
                 raise StopAsyncIteration from None
             raise _error(self._client.address, err, tls=self._client._tls) from err
-
-    def close(self) -> None:
-        """Cancel the RPC. Idempotent."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-
-    async def __aenter__(self) -> AsyncStatusWatch:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AsyncAgentClient:

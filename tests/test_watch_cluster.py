@@ -18,6 +18,7 @@ import psutil
 import pytest
 from client_fixtures import Agent, agents, closed_port, start_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_watch import GATED
 
 from client import (
     AgentClient,
@@ -32,15 +33,6 @@ from client import cluster as cluster_module
 from protos.rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
-
-# Each rank exits (with argv[2], default 0) once the file "<argv[1]>-<LOCAL_RANK>" exists.
-GATED = """\
-import os, sys, time
-gate = sys.argv[1] + "-" + os.environ["LOCAL_RANK"]
-while not os.path.exists(gate):
-    time.sleep(0.01)
-sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
-"""
 
 
 class Observed:
