@@ -55,7 +55,12 @@ TORCHRUN_KEYS = [
 FAIL_ONE = """\
 import json, os, signal, sys, time
 rank = int(os.environ["RANK"])
+ready = sys.argv[3] if len(sys.argv) > 3 else None  # a dir: fail once the others are set
 if rank == int(sys.argv[1]):
+    others = int(os.environ["WORLD_SIZE"]) - 1
+    deadline = time.monotonic() + 20
+    while ready and len(os.listdir(ready)) < others and time.monotonic() < deadline:
+        time.sleep(0.01)
     trace = ('Traceback (most recent call last):\\n  File "train.py", line 9, in step\\n'
              'ValueError: bad batch 42')
     with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
@@ -65,6 +70,8 @@ if rank == int(sys.argv[1]):
     sys.exit(1)
 if sys.argv[2] == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if ready:
+    open(os.path.join(ready, str(rank)), "w").close()
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
@@ -205,6 +212,8 @@ def test_fail_fast_report_and_escalation(
 ) -> None:
     nodes = start_nodes(2)
     script = write(tmp_path, "fail.py", FAIL_ONE)
+    ready = tmp_path / "ready"  # rank 3 fails only once the others ignore SIGTERM
+    ready.mkdir()
     events: list[str] = []
     began = time.monotonic()
     with (
@@ -212,7 +221,7 @@ def test_fail_fast_report_and_escalation(
         pytest.raises(JobFailed) as failed,
     ):
         cluster.launch(
-            [PYTHON, script, "3", "stubborn"],
+            [PYTHON, script, "3", "stubborn", str(ready)],
             nproc_per_node=2,
             run_id="failfast",
             kill_timeout=1.0,
