@@ -204,8 +204,8 @@ class Supervisor:
         # Called with (attempt, rank) right after a rank exited (the service caches the
         # rank's final wire form there, while the other ranks are still dying).
         self.exit_hooks: list[Callable[[Attempt, Rank], None]] = []
-        # One thread for file work kept off the loop: job.json writes (in submission
-        # order, so an older state never overwrites a newer one) and process sweeps.
+        # One thread for the job.json writes kept off the loop, in submission order (an
+        # older state never overwrites a newer one).
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
