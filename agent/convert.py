@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 from agent.failures import Failure
+from agent.logs import file_size
 from agent.procs import Usage
 from agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
 from agent.supervisor import Attempt, Job, JobState, Rank, RankState
@@ -110,18 +109,10 @@ def _rank_to_pb(
         last_output_time=attempt.logs.last_output.get(rank.local_rank, 0.0),
     )
     if rank.exit_code is not None and rank.stdout_bytes >= 0:  # taken at the exit
-        msg.stdout_bytes = rank.stdout_bytes
-        msg.stderr_bytes = max(rank.stderr_bytes, 0)
+        out, err = rank.stdout_bytes, rank.stderr_bytes
     else:
-        for stream, path in ((1, rank.stdout_path), (2, rank.stderr_path)):
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                continue
-            if stream == 1:
-                msg.stdout_bytes = size
-            else:
-                msg.stderr_bytes = size
+        out, err = file_size(rank.stdout_path), file_size(rank.stderr_path)
+    msg.stdout_bytes, msg.stderr_bytes = max(out, 0), max(err, 0)
     if rank.exit_code is not None:
         msg.exit_code = rank.exit_code
     else:

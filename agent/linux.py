@@ -21,6 +21,7 @@ __all__ = [
     "children_of",
     "descendants",
     "set_child_subreaper",
+    "task_children",
 ]
 
 IN_MODIFY = 0x00000002
@@ -183,19 +184,22 @@ def children_of(pid: int) -> list[int]:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
-    found: list[int] = []
-    for tid in tids:
-        try:
-            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # the thread ended meanwhile
-            continue
-        try:
-            found.extend(map(int, os.read(fd, 1 << 16).split()))
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return found
+    return [child for tid in tids for child in task_children(pid, int(tid))]
+
+
+def task_children(pid: int, tid: int) -> list[int]:
+    """The children forked by one thread `tid` of `pid` (or handed to it as a
+    subreaper). Empty when the thread is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return [int(child) for child in os.read(fd, 1 << 16).split()]
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
 
 
 def descendants(roots: Iterable[int]) -> list[int]:

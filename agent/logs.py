@@ -37,6 +37,7 @@ __all__ = [
     "LogReader",
     "LogWatcher",
     "Pulse",
+    "file_size",
 ]
 
 STDOUT = 1
@@ -255,6 +256,14 @@ def _has_long_line(data: bytes) -> bool:
             return True
         pos = newline + 1
     return False
+
+
+def file_size(path: str) -> int:
+    """Bytes in a log file; -1 when it does not exist (yet) or cannot be read."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _decode(raw: bytes) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import psutil
 
-from agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker
+from agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker, task_children
 
 __all__ = [
     "MARKER_ENV",
@@ -132,19 +132,11 @@ def agent_children() -> set[int]:
     hands orphans to a subreaper's first live thread, the main one). Two reads, not one
     per thread of the process."""
     pid = os.getpid()
-    found = set(_task_children(pid, pid))
+    found = set(task_children(pid, pid))
     tid = threading.get_native_id()
     if tid != pid:
-        found.update(_task_children(pid, tid))
+        found.update(task_children(pid, tid))
     return found
-
-
-def _task_children(pid: int, tid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def attempt_processes(

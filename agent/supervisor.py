@@ -34,7 +34,7 @@ from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDe
 from agent.failures import Failure, read_failure, stderr_tail
 from agent.guardian import spawn_guardian
 from agent.linux import set_child_subreaper
-from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
+from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher, file_size
 from agent.specs import JobSpec, Limits, Std, validate_job_id
 
 __all__ = ["Attempt", "Job", "JobState", "Rank", "RankState", "Supervisor"]
@@ -521,8 +521,8 @@ class Supervisor:
         self._rank_pids.discard(rank.pid)
         rank.exit_code = code
         rank.end_time = exit_time
-        rank.stdout_bytes = _size(rank.stdout_path)
-        rank.stderr_bytes = _size(rank.stderr_path)
+        rank.stdout_bytes = file_size(rank.stdout_path)
+        rank.stderr_bytes = file_size(rank.stderr_path)
         if code == 0:
             rank.state = RankState.SUCCEEDED
         else:
@@ -712,13 +712,6 @@ def _ctx(attempt: Attempt, rank: Rank | None = None) -> dict[str, object]:
 
 def _env_item(key: str, value: str) -> bytes:
     return os.fsencode(key) + b"=" + os.fsencode(value)
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
 
 
 def _job_record(job: Job) -> dict[str, Any]:
