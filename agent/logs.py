@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, NamedTuple
 
-from agent.linux import IN_CLOSE_WRITE, IN_MODIFY, Inotify
+from agent.linux import IN_MODIFY, Inotify
 
 __all__ = [
     "MAX_LINE",
@@ -397,7 +397,7 @@ class LogWatcher:
     def watch(self, logs: AttemptLogs) -> None:
         wds = []
         for rank in range(logs.nprocs):
-            wd = self._inotify.add_watch(logs.rank_dir(rank), IN_MODIFY | IN_CLOSE_WRITE)
+            wd = self._inotify.add_watch(logs.rank_dir(rank), IN_MODIFY)
             self._watches[wd] = (logs, rank)
             wds.append(wd)
         self._by_attempt[id(logs)] = wds

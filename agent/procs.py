@@ -12,10 +12,12 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
+from typing import Generic, TypeVar
 
 import psutil
 
@@ -23,7 +25,7 @@ from agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker, t
 
 __all__ = [
     "MARKER_ENV",
-    "ExitWatch",
+    "ExitWatcher",
     "Usage",
     "UsageSampler",
     "agent_children",
@@ -36,6 +38,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+K = TypeVar("K")
+
 
 def spawn(
     argv: list[str],
@@ -47,7 +51,7 @@ def spawn(
 ) -> int:
     """Start one rank (argv[0] an absolute path; `env` as "KEY=value" bytes) in a new
     session, its output appended straight to its files, and return its pid (reaped by
-    `ExitWatch`). Raises OSError when it cannot start. posix_spawn where glibc has what
+    `ExitWatcher`). Raises OSError when it cannot start. posix_spawn where glibc has what
     it needs, else Popen."""
     spawner = _spawner()
     if spawner is not None:
@@ -70,7 +74,7 @@ def spawn(
             start_new_session=True,
             close_fds=True,
         )
-    # Never waited for through Popen (ExitWatch reaps the pid): a returncode keeps its
+    # Never waited for through Popen (ExitWatcher reaps the pid): a returncode keeps its
     # finalizer from queueing the pid for subprocess' own reaping, which would race ours.
     popen.returncode = 0
     return popen.pid
@@ -85,35 +89,59 @@ def _spawner() -> Spawner | None:
         return None
 
 
-class ExitWatch:
-    """Calls `on_exit(exit_code, exit_time)` once, the moment the process exits (pidfd
-    readable), after reaping it. exit_code is negative -N for death by signal N."""
+class ExitWatcher(Generic[K]):
+    """Reaps child processes the moment they exit and reports them in batches:
+    `on_exits([(key, exit_code, exit_time), ...])`, exit_code negative -N for death by
+    signal N. The pidfds sit in an epoll set of their own, one-shot, which the loop
+    watches as one reader: a burst of exits (a kill of many ranks) costs one wake-up and
+    no per-process deregistration."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        pid: int,
-        on_exit: Callable[[int, float], None],
+        on_exits: Callable[[list[tuple[K, int, float]]], None],
     ) -> None:
         self._loop = loop
-        self._pid = pid
-        self._on_exit = on_exit
+        self._on_exits = on_exits
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple[int, K]] = {}  # pidfd -> (pid, key)
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, pid: int, key: K) -> None:
         # The pid cannot be reused before we reap it, so the pidfd names our child.
-        self._fd = os.pidfd_open(pid)
-        loop.add_reader(self._fd, self._ready)
+        fd = os.pidfd_open(pid)
+        self._watched[fd] = (pid, key)
+        self._epoll.register(fd, _ONE_EXIT)
 
     def _ready(self) -> None:
         exit_time = time.time()
-        try:
-            pid, status = os.waitpid(self._pid, os.WNOHANG)
-        except ChildProcessError:  # reaped elsewhere: the exit status is lost
-            pid, status = self._pid, 255 << 8
-        if pid == 0:
-            return  # spurious wake-up
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
-        code = os.waitstatus_to_exitcode(status)
-        self._on_exit(code, exit_time)
+        exits: list[tuple[K, int, float]] = []
+        for fd, _ in self._epoll.poll(0):
+            pid, key = self._watched[fd]
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: the exit status is lost
+                got, status = pid, 255 << 8
+            if got == 0:  # not gone after all: wait on
+                self._epoll.modify(fd, _ONE_EXIT)
+                continue
+            del self._watched[fd]
+            os.close(fd)
+            exits.append((key, os.waitstatus_to_exitcode(status), exit_time))
+        if exits:
+            self._on_exits(exits)
+
+    def close(self) -> None:
+        """Stop watching (the processes are left as they are)."""
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._epoll.fileno())
+        for fd in self._watched:
+            os.close(fd)
+        self._watched.clear()
+        self._epoll.close()
+
+
+_ONE_EXIT = select.EPOLLIN | select.EPOLLONESHOT
 
 
 def send_signal(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
@@ -178,16 +206,19 @@ def _pgid(pid: int) -> int:
         return -1
 
 
-def reap_orphans(ours: set[int]) -> None:
+def reap_orphans(ours: Container[int]) -> bool:
     """Reap exited children that are not ranks (orphans adopted as subreaper). Peeks
-    with WNOWAIT so a rank's exit status is left for its own `ExitWatch`."""
+    with WNOWAIT so a rank's exit status is left for its own `ExitWatcher`. Returns False
+    when a rank's exit stopped the sweep (orphans behind it may still wait)."""
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return
-        if info is None or info.si_pid in ours:
-            return
+            return True
+        if info is None:
+            return True
+        if info.si_pid in ours:
+            return False
         with contextlib.suppress(ChildProcessError):
             os.waitpid(info.si_pid, os.WNOHANG)
 

@@ -68,7 +68,6 @@ class Rank:
     stdout_path: str
     stderr_path: str
     error_file: str
-    exited: asyncio.Future[int] | None = None  # None for ranks restored from disk
     end_time: float = 0.0
     exit_code: int | None = None
     state: RankState = RankState.RUNNING
@@ -197,9 +196,11 @@ class Supervisor:
         self._jobs: dict[str, Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: LogWatcher | None = None
+        self._exits: procs.ExitWatcher[tuple[Attempt, Rank]] | None = None
         self._rank_pids: set[int] = set()
+        self._orphans_waiting = False  # see _reap_orphans
         self._start_lock = asyncio.Lock()
-        # job.json writes put off for a moment, see _finish: job id -> (timer, write)
+        # the end chores put off for a moment, see _after_end: job id -> (timer, chores)
         self._delayed: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
         # Called with (attempt, rank) right after a rank exited (the service caches the
         # rank's final wire form there, while the other ranks are still dying).
@@ -217,13 +218,16 @@ class Supervisor:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._watcher = LogWatcher(self._loop)
+            self._exits = procs.ExitWatcher(self._loop, self._on_exits)
             if self._subreaper:
                 set_child_subreaper()
                 self._loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
         return self._loop
 
     def _reap_orphans(self) -> None:
-        procs.reap_orphans(self._rank_pids)
+        # A rank's zombie ahead of an orphan's stops the sweep; the next rank exit
+        # finishes it (SIGCHLDs merge, so there may be no other signal for that orphan).
+        self._orphans_waiting = not procs.reap_orphans(self._rank_pids)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Kill every running job (SIGTERM, SIGKILL after `timeout`) and release the
@@ -242,6 +246,9 @@ class Supervisor:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+        if self._exits is not None:
+            self._exits.close()
+            self._exits = None
         if self._loop is not None and self._subreaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
         self._flush_records()
@@ -263,19 +270,29 @@ class Supervisor:
             done.set_result(None)
             return done
 
-    def _record_later(self, job: Job, attempt: Attempt) -> None:
+    def _after_end(self, job: Job | None, attempt: Attempt) -> None:
+        """The chores of an attempt's end that nobody waits for (stop watching its logs,
+        write job.json), a moment later: they do not compete with the answers of Kill
+        and Poll. A crash in that moment restores the attempt as FAILED ("the agent
+        stopped"), never as RUNNING."""
         recorded: concurrent.futures.Future[None] = concurrent.futures.Future()
         attempt.recorded = recorded
+        key = job.job_id if job is not None else attempt.marker
 
-        def write() -> None:
-            handle, _ = self._delayed.pop(job.job_id, (None, None))
+        def chores() -> None:
+            handle, _ = self._delayed.pop(key, (None, None))
             if handle is not None:
                 handle.cancel()
+            if self._watcher is not None:
+                self._watcher.unwatch(attempt.logs)
+            if job is None:
+                recorded.set_result(None)
+                return
             self._record(job).add_done_callback(lambda _: recorded.set_result(None))
 
-        self._flush_records(job.job_id)  # an earlier attempt's, if still delayed
-        handle = asyncio.get_running_loop().call_later(_RECORD_DELAY, write)
-        self._delayed[job.job_id] = (handle, write)
+        self._flush_records(key)  # an earlier attempt's, if still delayed
+        handle = asyncio.get_running_loop().call_later(_RECORD_DELAY, chores)
+        self._delayed[key] = (handle, chores)
 
     def _flush_records(self, job_id: str | None = None) -> None:
         """Write delayed job.json records now: one job's, or all (the loop may not run
@@ -349,7 +366,7 @@ class Supervisor:
     async def start(self, spec: JobSpec) -> tuple[Job, bool]:
         """Start an attempt. Idempotent: the same spec returns the job and False.
         Raises SpecError (nothing started), AlreadyExists, LimitExceeded."""
-        loop = self._ensure_loop()
+        self._ensure_loop()
         validate_job_id(spec.job_id)
         spec = spec.validate(self.limits)
         if self._allowed is not None and os.path.realpath(spec.entrypoint) not in self._allowed:
@@ -390,7 +407,7 @@ class Supervisor:
                     f"starting {spec.nprocs} ranks would exceed this agent's limit of "
                     f"{self._max_running_ranks} running ranks ({running} running)"
                 )
-            attempt = self._launch(loop, job, spec)
+            attempt = self._launch(job, spec)
             if job is None:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
@@ -414,7 +431,7 @@ class Supervisor:
         )
         return True
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, job: Job | None, spec: JobSpec) -> Attempt:
+    def _launch(self, job: Job | None, spec: JobSpec) -> Attempt:
         new_run_dir = job is None
         run_dir = (
             tempfile.mkdtemp(prefix=f"{spec.job_id}_", dir=self.log_dir)
@@ -441,12 +458,13 @@ class Supervisor:
             assert self._watcher is not None
             self._watcher.watch(logs)
             for rank in range(spec.nprocs):
-                attempt.ranks.append(self._spawn_rank(loop, attempt, rank))
+                attempt.ranks.append(self._spawn_rank(attempt, rank))
         except OSError as err:
             self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
             raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
+        assert self._exits is not None
         for rank_obj in attempt.ranks:
-            self._watch_exit(loop, attempt, rank_obj)
+            self._exits.watch(rank_obj.pid, (attempt, rank_obj))
         self._start_mirrors(attempt)
         logger.info(
             "job %s attempt %d started: %d ranks of %s, logs in %s",
@@ -488,9 +506,7 @@ class Supervisor:
         env[procs.MARKER_ENV] = _env_item(procs.MARKER_ENV, attempt.marker)
         return list(env.values())
 
-    def _spawn_rank(
-        self, loop: asyncio.AbstractEventLoop, attempt: Attempt, local_rank: int
-    ) -> Rank:
+    def _spawn_rank(self, attempt: Attempt, local_rank: int) -> Rank:
         spec, logs = attempt.spec, attempt.logs
         error_file = logs.error_file(local_rank)
         pid = procs.spawn(
@@ -508,16 +524,26 @@ class Supervisor:
             stdout_path=logs.path(local_rank, STDOUT),
             stderr_path=logs.path(local_rank, STDERR),
             error_file=error_file,
-            exited=loop.create_future(),
         )
         return rank
 
-    def _watch_exit(self, loop: asyncio.AbstractEventLoop, attempt: Attempt, rank: Rank) -> None:
-        procs.ExitWatch(loop, rank.pid, lambda code, t: self._on_exit(attempt, rank, code, t))
-
     # -- exits and the failure policy ------------------------------------------------------
 
-    def _on_exit(self, attempt: Attempt, rank: Rank, code: int, exit_time: float) -> None:
+    def _on_exits(self, exits: list[tuple[tuple[Attempt, Rank], int, float]]) -> None:
+        """Ranks have exited (a batch, when many died at once): record each, then end the
+        attempts that have no rank left, and tell the watchers once per job."""
+        touched: dict[int, Attempt] = {}
+        for (attempt, rank), code, exit_time in exits:
+            self._rank_exited(attempt, rank, code, exit_time)
+            touched[id(attempt)] = attempt
+        for attempt in touched.values():
+            if not attempt.ended and not any(r.alive for r in attempt.ranks):
+                self._finish(attempt)
+            self._bump(attempt.spec.job_id)
+        if self._orphans_waiting:
+            self._reap_orphans()
+
+    def _rank_exited(self, attempt: Attempt, rank: Rank, code: int, exit_time: float) -> None:
         self._rank_pids.discard(rank.pid)
         rank.exit_code = code
         rank.end_time = exit_time
@@ -540,8 +566,6 @@ class Supervisor:
         self.exit_counts[rank.state.value.lower()] += 1
         for hook in self.exit_hooks:
             hook(attempt, rank)
-        if rank.exited is not None and not rank.exited.done():
-            rank.exited.set_result(code)
         if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
             attempt.state = JobState.FAILED
             assert rank.failure is not None
@@ -552,11 +576,6 @@ class Supervisor:
             attempt.terminating = asyncio.ensure_future(
                 self._terminate(attempt, signal.SIGTERM, attempt.spec.kill_timeout)
             )
-        if not any(r.alive for r in attempt.ranks):
-            self._finish(attempt)
-        self._bump(attempt.spec.job_id)
-        if self._subreaper:
-            self._reap_orphans()
 
     def _finish(self, attempt: Attempt) -> None:
         """Every rank has exited: kill what they left behind, then publish the end."""
@@ -573,16 +592,9 @@ class Supervisor:
             attempt.state = JobState.SUCCEEDED
             attempt.reason = "every rank exited with code 0"
         attempt.end_time = time.time()
-        if self._watcher is not None:
-            self._watcher.unwatch(attempt.logs)
         attempt.logs.mark_ended()
         attempt.done.set()
-        job = self._jobs.get(attempt.spec.job_id)
-        if job is not None:
-            # A moment later, so the write does not compete with the answers of Kill and
-            # Poll; a crash in that moment restores the attempt as FAILED ("the agent
-            # stopped"), never as RUNNING.
-            self._record_later(job, attempt)
+        self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
         logger.info(
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
@@ -618,7 +630,7 @@ class Supervisor:
             procs.send_signal(pgids, others, sig)
         if not escalate or not alive:
             return
-        pending = await _wait_ranks(alive, timeout)
+        pending = await _wait_ranks(attempt, timeout)
         if pending:
             logger.warning(
                 "job %s: local ranks %s survived signal %d for %.1fs; sending SIGKILL",
@@ -630,7 +642,7 @@ class Supervisor:
             )
             others = procs.attempt_processes([r.pid for r in pending], attempt.marker)
             procs.send_signal([r.pid for r in pending], others, signal.SIGKILL)
-            stuck = await _wait_ranks(pending, SIGKILL_WAIT)
+            stuck = await _wait_ranks(attempt, SIGKILL_WAIT)
             if stuck:
                 note = (
                     f"local ranks {[r.local_rank for r in stuck]} did not die within "
@@ -802,12 +814,12 @@ def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
     return attempt
 
 
-async def _wait_ranks(ranks: list[Rank], timeout: float) -> list[Rank]:
-    """Wait up to `timeout` for the ranks to exit; return those still alive."""
-    pending = [r.exited for r in ranks if r.alive and r.exited is not None]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    return [r for r in ranks if r.alive]
+async def _wait_ranks(attempt: Attempt, timeout: float) -> list[Rank]:
+    """Wait up to `timeout` for every rank of a running attempt to exit (its end);
+    return those still alive."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(attempt.done.wait(), timeout)
+    return [r for r in attempt.ranks if r.alive]
 
 
 def _any_of(needles: tuple[str, ...]) -> Callable[[str], bool]:

@@ -124,14 +124,15 @@ def test_a_32_rank_kill_is_folded_into_few_messages(agent: AgentProcess) -> None
     agent.stub.Kill(pb.KillRequest(job_id="wide", timeout=5), timeout=20)
     after = list(call)
     assert call.code() == grpc.StatusCode.OK
-    # 33 changes (the state, then 32 exits); consecutive ones are folded.
+    # The state changes, then 32 ranks exit (reaped in a few batches, a version each);
+    # consecutive changes are folded.
     exited = [sum(r.HasField("exit_code") for r in m.job.ranks) for m in after]
     assert 1 <= len(after) <= 16, f"exits seen per message: {exited}"
     assert exited == sorted(exited)
     final = after[-1]
     assert final.ended and final.job.state == pb.KILLED
     assert states(final) == [pb.RANK_TERMINATED] * 32
-    assert final.version >= first.version + 33
+    assert final.version >= first.version + 2
 
 
 @pytest.mark.timeout(30)
