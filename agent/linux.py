@@ -12,9 +12,10 @@ import struct
 from collections.abc import Iterable, Iterator
 
 __all__ = [
-    "IN_CLOSE_WRITE",
     "IN_CREATE",
     "IN_MODIFY",
+    "IN_MOVED_TO",
+    "IN_Q_OVERFLOW",
     "MARKER_ENV",
     "Inotify",
     "Spawner",
@@ -25,8 +26,9 @@ __all__ = [
 ]
 
 IN_MODIFY = 0x00000002
-IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000  # events were lost (wd is -1)
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _PR_SET_CHILD_SUBREAPER = 36
@@ -158,18 +160,20 @@ class Inotify:
         _libc.inotify_rm_watch(self._fd, wd)
 
     def read(self) -> Iterator[tuple[int, int, str]]:
-        """Queued events as (watch descriptor, mask, name); empty when none are queued."""
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        pos = 0
-        while pos < len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-            pos += _EVENT.size
-            name = data[pos : pos + length].rstrip(b"\0").decode(errors="replace")
-            pos += length
-            yield wd, mask, name
+        """Every queued event as (watch descriptor, mask, name); empty when none are
+        queued."""
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            pos = 0
+            while pos < len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+                pos += _EVENT.size
+                name = data[pos : pos + length].rstrip(b"\0").decode(errors="replace")
+                pos += length
+                yield wd, mask, name
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, NamedTuple
 
-from agent.linux import IN_MODIFY, Inotify
+from agent.linux import IN_CREATE, IN_MODIFY, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 
 __all__ = [
     "MAX_LINE",
@@ -44,6 +44,9 @@ STDOUT = 1
 STDERR = 2
 STREAM_FILES = {STDOUT: "stdout.log", STDERR: "stderr.log"}
 _FILE_STREAMS = {name: kind for kind, name in STREAM_FILES.items()}
+ERROR_FILE = "error.json"  # in each rank's directory, as torch lays it out
+# a write to an output file; the error file appearing, also by rename
+_WATCHED = IN_MODIFY | IN_CREATE | IN_MOVED_TO
 MAX_LINE = 64 * 1024
 READ_CHUNK = 256 * 1024
 MAX_BATCH_BYTES = 1024 * 1024
@@ -114,6 +117,11 @@ class AttemptLogs:
     pulse: Pulse = field(default_factory=Pulse)
     last_output: dict[int, float] = field(default_factory=dict)
     ended: bool = False  # set once no process of the attempt can write any more
+    # What inotify saw from before the ranks started (None when it did not watch, or
+    # lost events: ask the files): the (rank, stream) files written to, and the ranks
+    # whose error file appeared.
+    written: set[tuple[int, int]] | None = None
+    error_files: set[int] | None = None
 
     def rank_dir(self, local_rank: int) -> str:
         return os.path.join(self.attempt_dir, str(local_rank))
@@ -122,11 +130,23 @@ class AttemptLogs:
         return os.path.join(self.attempt_dir, str(local_rank), STREAM_FILES[stream])
 
     def error_file(self, local_rank: int) -> str:
-        return os.path.join(self.attempt_dir, str(local_rank), "error.json")
+        return os.path.join(self.attempt_dir, str(local_rank), ERROR_FILE)
 
     def mark_ended(self) -> None:
         self.ended = True
         self.pulse.fire()
+
+    def size(self, local_rank: int, stream: int) -> int:
+        """Bytes in a file (-1: missing). A file nobody wrote to is empty (it was created
+        so): no stat then. Call after `LogWatcher.drain`, so that no write is unseen."""
+        if self.written is not None and (local_rank, stream) not in self.written:
+            return 0
+        return file_size(self.path(local_rank, stream))
+
+    def may_have_error_file(self, local_rank: int) -> bool:
+        """False when the rank's error file surely does not exist (no stat); the same
+        condition as `size`."""
+        return self.error_files is None or local_rank in self.error_files
 
 
 class _FileCursor:
@@ -395,31 +415,51 @@ class LogWatcher:
         loop.add_reader(self._inotify.fileno(), self._on_events)
 
     def watch(self, logs: AttemptLogs) -> None:
+        """Watch an attempt's rank directories; before its ranks start, so that every
+        write is seen (see AttemptLogs.written)."""
         wds = []
         for rank in range(logs.nprocs):
-            wd = self._inotify.add_watch(logs.rank_dir(rank), IN_MODIFY)
+            wd = self._inotify.add_watch(logs.rank_dir(rank), _WATCHED)
             self._watches[wd] = (logs, rank)
             wds.append(wd)
         self._by_attempt[id(logs)] = wds
+        logs.written, logs.error_files = set(), set()
 
     def unwatch(self, logs: AttemptLogs) -> None:
+        logs.written = logs.error_files = None
         for wd in self._by_attempt.pop(id(logs), ()):
             self._watches.pop(wd, None)
             self._inotify.rm_watch(wd)
 
+    def drain(self) -> None:
+        """Take every event queued so far (a rank's writes are queued before its exit
+        can be seen)."""
+        self._on_events()
+
     def _on_events(self) -> None:
         now = time.time()
-        woken: set[int] = set()
+        woken: dict[int, AttemptLogs] = {}
         for wd, mask, name in self._inotify.read():
+            if mask & IN_Q_OVERFLOW:  # events were lost: every file must be asked
+                for logs, _ in self._watches.values():
+                    logs.written = logs.error_files = None
+                    woken[id(logs)] = logs
+                continue
             target = self._watches.get(wd)
-            if target is None or name not in _FILE_STREAMS:
+            if target is None:
                 continue
             logs, rank = target
-            if mask & IN_MODIFY:
-                logs.last_output[rank] = now
-            if id(logs) not in woken:
-                woken.add(id(logs))
-                logs.pulse.fire()
+            stream = _FILE_STREAMS.get(name)
+            if stream is not None:
+                if mask & IN_MODIFY:  # (its creation by spawn tells nothing)
+                    logs.last_output[rank] = now
+                    if logs.written is not None:
+                        logs.written.add((rank, stream))
+                    woken[id(logs)] = logs
+            elif name == ERROR_FILE and logs.error_files is not None:
+                logs.error_files.add(rank)
+        for logs in woken.values():
+            logs.pulse.fire()
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):

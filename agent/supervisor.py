@@ -34,7 +34,7 @@ from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDe
 from agent.failures import Failure, read_failure, stderr_tail
 from agent.guardian import spawn_guardian
 from agent.linux import set_child_subreaper
-from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher, file_size
+from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
 from agent.specs import JobSpec, Limits, Std, validate_job_id
 
 __all__ = ["Attempt", "Job", "JobState", "Rank", "RankState", "Supervisor"]
@@ -94,6 +94,8 @@ class Attempt:
     start_time: float = 0.0
     end_time: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # futures resolved at the end, for waits with a timeout (no task per wait)
+    end_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
     mirrors: list[asyncio.Task[None]] = field(default_factory=list)
     # Carried in every rank's environment (RANKD_ATTEMPT) so that descendants which left
     # the process group or their parent are still known: "<agent tag>/<job>/<attempt>".
@@ -532,6 +534,8 @@ class Supervisor:
     def _on_exits(self, exits: list[tuple[tuple[Attempt, Rank], int, float]]) -> None:
         """Ranks have exited (a batch, when many died at once): record each, then end the
         attempts that have no rank left, and tell the watchers once per job."""
+        if self._watcher is not None:
+            self._watcher.drain()  # every write the ranks made is known (AttemptLogs.size)
         touched: dict[int, Attempt] = {}
         for (attempt, rank), code, exit_time in exits:
             self._rank_exited(attempt, rank, code, exit_time)
@@ -547,8 +551,8 @@ class Supervisor:
         self._rank_pids.discard(rank.pid)
         rank.exit_code = code
         rank.end_time = exit_time
-        rank.stdout_bytes = file_size(rank.stdout_path)
-        rank.stderr_bytes = file_size(rank.stderr_path)
+        rank.stdout_bytes = attempt.logs.size(rank.local_rank, STDOUT)
+        rank.stderr_bytes = attempt.logs.size(rank.local_rank, STDERR)
         if code == 0:
             rank.state = RankState.SUCCEEDED
         else:
@@ -562,8 +566,9 @@ class Supervisor:
                 stderr_path=rank.stderr_path,
                 terminated_by_agent=rank.terminated_by_agent,
                 stderr_size=rank.stderr_bytes,
+                error_file_absent=not attempt.logs.may_have_error_file(rank.local_rank),
             )
-        self.exit_counts[rank.state.value.lower()] += 1
+        self.exit_counts[_COUNTED[rank.state]] += 1
         for hook in self.exit_hooks:
             hook(attempt, rank)
         if rank.state is RankState.FAILED and attempt.state is JobState.RUNNING:
@@ -594,6 +599,10 @@ class Supervisor:
         attempt.end_time = time.time()
         attempt.logs.mark_ended()
         attempt.done.set()
+        for waiter in attempt.end_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        attempt.end_waiters.clear()
         self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
         logger.info(
             "job %s attempt %d ended: %s",
@@ -677,8 +686,7 @@ class Supervisor:
             attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
             self._bump(job_id)
         await self._terminate(attempt, sig, timeout)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(attempt.done.wait(), SIGKILL_WAIT)
+        await _until_ended(attempt, SIGKILL_WAIT)
         return attempt
 
     # -- mirrors: tee to the console, duplicate filters to files ---------------------------
@@ -707,6 +715,7 @@ class Supervisor:
 
 
 _LOST = "the agent stopped while this attempt ran"
+_COUNTED = {state: state.value.lower() for state in RankState}  # exit_counts' keys
 _RECORD_DELAY = 0.01  # seconds from an attempt's end to its job.json write
 
 
@@ -814,11 +823,24 @@ def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
     return attempt
 
 
+async def _until_ended(attempt: Attempt, timeout: float) -> None:
+    """Wait up to `timeout` for the attempt's end."""
+    if attempt.ended:
+        return
+    waiter = asyncio.get_running_loop().create_future()
+    attempt.end_waiters.append(waiter)
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            attempt.end_waiters.remove(waiter)
+
+
 async def _wait_ranks(attempt: Attempt, timeout: float) -> list[Rank]:
     """Wait up to `timeout` for every rank of a running attempt to exit (its end);
     return those still alive."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(attempt.done.wait(), timeout)
+    await _until_ended(attempt, timeout)
     return [r for r in attempt.ranks if r.alive]
 
 

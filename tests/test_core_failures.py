@@ -3,6 +3,7 @@ files, stderr tails, timestamps and the root cause."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import pytest
 from core_helpers import Core, file_lines, open_core, wait_for_file_line
 
 from agent.failures import NOT_AVAILABLE, Failure, read_failure, root_cause, stderr_tail
+from agent.logs import STDOUT
 from agent.supervisor import JobState, RankState
 
 
@@ -377,3 +379,64 @@ def test_root_cause_prefers_own_failures_then_earliest() -> None:
     only_terminated = [f(3, 9.0, True), f(4, 2.0, True)]
     assert root_cause(only_terminated) is only_terminated[1]
     assert root_cause([]) is None
+
+
+# -- what the agent knows without asking the files (inotify, see AttemptLogs) ---------
+
+
+async def test_error_file_renamed_into_place_before_a_kill_is_read(core: Core) -> None:
+    """Written atomically (elsewhere, then renamed), then the rank hangs and is killed:
+    its error file is still the root cause's text; its quiet sibling has none."""
+    script = core.script(
+        "atomic.py",
+        """
+        import json, os, sys, time
+        rank = int(os.environ["LOCAL_RANK"])
+        if rank == 0:
+            path = os.environ["TORCHELASTIC_ERROR_FILE"]
+            tmp = os.path.join(os.path.dirname(path), "..", "error.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"message": "wrote it, then hung"}, f)
+            os.rename(tmp, path)
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+    )
+    job, _ = await core.sup.start(core.spec("atomic", script, nprocs=2))
+    attempt = job.current
+    for rank in (0, 1):
+        await wait_for_file_line(attempt.logs.path(rank, STDOUT))
+    attempt = await asyncio.wait_for(core.sup.kill("atomic", timeout=5), 20)
+    hung, quiet = attempt.ranks
+    assert hung.failure is not None and quiet.failure is not None
+    assert hung.failure.message == "wrote it, then hung"
+    assert hung.failure.error_file == hung.error_file
+    assert hung.failure.terminated_by_agent
+    assert quiet.failure.message == f"Signal 15 (SIGTERM) received by PID {quiet.pid}"
+    assert quiet.failure.error_file == NOT_AVAILABLE
+
+
+async def test_byte_counts_at_exit_match_the_files(core: Core) -> None:
+    """Written, silent and stderr-only ranks: the counts taken at each exit are the files'
+    sizes (a file nobody wrote to is known to be empty without a stat)."""
+    script = core.script(
+        "sizes.py",
+        """
+        import os, sys
+        rank = int(os.environ["LOCAL_RANK"])
+        if rank == 0:
+            sys.stdout.write("x" * 5000 + "\\n")
+        elif rank == 2:
+            sys.stderr.write("only stderr\\n")
+        """,
+    )
+    attempt = await core.run(core.spec("sizes", script, nprocs=3))
+    for rank in attempt.ranks:
+        assert rank.stdout_bytes == os.path.getsize(rank.stdout_path)
+        assert rank.stderr_bytes == os.path.getsize(rank.stderr_path)
+    assert [(r.stdout_bytes, r.stderr_bytes) for r in attempt.ranks] == [
+        (5001, 0),
+        (0, 0),
+        (0, 12),
+    ]
+    assert attempt.ranks[2].failure is None  # exit 0: no failure, whatever stderr says
