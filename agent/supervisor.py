@@ -600,8 +600,7 @@ class Supervisor:
         attempt.logs.mark_ended()
         attempt.done.set()
         for waiter in attempt.end_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _resolve(waiter)
         attempt.end_waiters.clear()
         self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
         logger.info(
@@ -823,17 +822,25 @@ def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
     return attempt
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def _until_ended(attempt: Attempt, timeout: float) -> None:
     """Wait up to `timeout` for the attempt's end."""
     if attempt.ended:
         return
-    waiter = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
     attempt.end_waiters.append(waiter)
+    # resolved by the end or by the timer: one wake-up, no task
+    timer = loop.call_later(timeout, _resolve, waiter)
     try:
-        await asyncio.wait((waiter,), timeout=timeout)
+        await waiter
     finally:
-        if not waiter.done():
-            waiter.cancel()
+        timer.cancel()
+        if waiter in attempt.end_waiters:
             attempt.end_waiters.remove(waiter)
 
 
