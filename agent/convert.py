@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.failures import Failure
-from agent.logs import file_size
+from agent.logs import STDERR, STDOUT
 from agent.procs import Usage
 from agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
 from agent.supervisor import Attempt, Job, JobState, Rank, RankState
@@ -110,8 +110,11 @@ def _rank_to_pb(
     )
     if rank.exit_code is not None and rank.stdout_bytes >= 0:  # taken at the exit
         out, err = rank.stdout_bytes, rank.stderr_bytes
-    else:
-        out, err = file_size(rank.stdout_path), file_size(rank.stderr_path)
+    else:  # as of the last write inotify reported
+        out, err = (
+            attempt.logs.size(rank.local_rank, STDOUT),
+            attempt.logs.size(rank.local_rank, STDERR),
+        )
     msg.stdout_bytes, msg.stderr_bytes = max(out, 0), max(err, 0)
     if rank.exit_code is not None:
         msg.exit_code = rank.exit_code

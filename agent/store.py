@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from dataclasses import asdict
+import threading
+from dataclasses import fields
 from typing import Any
 
 from agent.failures import Failure
@@ -22,8 +22,16 @@ JOB_FILE = "job.json"
 FORMAT = 1
 
 
+_SPEC_FIELDS = fields(JobSpec)
+
+
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
-    data = asdict(spec)
+    # shallow (asdict's deep copy costs more than the rest of a Start): every field is
+    # immutable or replaced below by a copy in JSON's shape
+    data = {f.name: getattr(spec, f.name) for f in _SPEC_FIELDS}
+    data["args"] = list(spec.args)
+    data["duplicate_stdout_filters"] = list(spec.duplicate_stdout_filters)
+    data["duplicate_stderr_filters"] = list(spec.duplicate_stderr_filters)
     data["rank_args"] = {str(k): list(v) for k, v in spec.rank_args.items()}
     data["rank_env"] = {str(k): dict(v) for k, v in spec.rank_env.items()}
     data["env"] = dict(spec.env)
@@ -65,8 +73,10 @@ def write_job_file(run_dir: str, data: dict[str, Any]) -> None:
     (the job runs on; only its record after a restart is at stake)."""
     # compact: the C encoder (indent= falls back to the pure-Python one, 10x slower)
     payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
+    # one temporary name per writing thread (the loop's, the io thread's)
+    tmp = os.path.join(run_dir, f".job-{threading.get_native_id()}.json")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".job-", suffix=".json", dir=run_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)  # no fsync: the record must survive the agent, not the kernel
