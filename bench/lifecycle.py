@@ -7,15 +7,20 @@ every figure includes the RPC round trips. torch: ``start_processes``, ``wait``,
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import select
 import subprocess
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
+from agent.convert import cache_ended_rank, spec_from_pb
+from agent.supervisor import Supervisor
 from bench.agents import Agent, job_id, launch_agents, make_spec, wait_exec
 from bench.config import TRUE, Config, ms
 from bench.harness import RowSpec, Samples, Scenario, Target
@@ -25,12 +30,50 @@ from protos.rankd.v1 import agent_pb2 as pb
 
 __all__ = ["scenarios"]
 
+T = TypeVar("T")
+
 
 @dataclass
 class _Pair:
     agent: Agent
     torch: TorchLauncher
     scratch: Path
+    core: _Core | None = None
+
+    def in_process(self) -> _Core:
+        if self.core is None:
+            self.core = _Core(self.scratch / "core")
+        return self.core
+
+
+class _Core:
+    """The agent's core (its Supervisor) in this process on its own loop: what the
+    agent does for Start and Kill without the RPC, measured as torch is."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.sup = self.loop.run_until_complete(self._create(log_dir))
+
+    @staticmethod
+    async def _create(log_dir: Path) -> Supervisor:
+        # as the agent runs it: subreaper (a kill signals process groups, no tree walk).
+        # Safe beside torch here: the sides alternate, and torch reaps its own ranks
+        # before ours run again.
+        sup = Supervisor(
+            str(log_dir),
+            console_out=io.StringIO(),
+            console_err=io.StringIO(),
+            subreaper=True,
+        )
+        sup.exit_hooks.append(cache_ended_rank)  # as the service does
+        return sup
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.sup.close(timeout=5.0))
+        self.loop.close()
 
 
 def _setup(cfg: Config, name: str) -> _Pair:
@@ -41,7 +84,42 @@ def _setup(cfg: Config, name: str) -> _Pair:
 
 def _teardown(pair: _Pair | None) -> None:
     if pair is not None:
+        if pair.core is not None:
+            pair.core.close()
         pair.agent.stop()
+
+
+_PAUSE = 0.005  # seconds: the pause before a "cold" round trip, as after wait_exec
+
+
+def _round_trip_after_pause(agent: Agent) -> float:
+    """One Info round trip to the agent after a pause, in ms (the rows below call the
+    agent after such pauses; back to back, a round trip costs about half)."""
+    time.sleep(_PAUSE)
+    t0 = perf_counter()
+    agent.stub.Info(pb.InfoRequest(), timeout=30)
+    return ms(perf_counter() - t0)
+
+
+def _info_rows(sid: str, title: str, metric: str) -> list[RowSpec]:
+    """What a row's rankd figure is made of: the agent's core alone (against torch), and
+    one round trip after a pause like the one before the measured call."""
+    return [
+        RowSpec(
+            id=f"{sid}_core",
+            title="  same, the agent's core in this process, no RPC (info)",
+            unit="ms",
+            metrics=(metric,),
+            side="core",
+        ),
+        RowSpec(
+            id=f"{sid}_round_trip",
+            title=f"  {title}: an agent round trip after a {_PAUSE * 1e3:g} ms pause (info)",
+            unit="ms",
+            metrics=("round trip",),
+            ref_side=None,
+        ),
+    ]
 
 
 def _scenario(cfg: Config, sid: str, sides: dict[str, Any], rows: list[RowSpec]) -> Scenario:
@@ -58,13 +136,24 @@ def _start_true(cfg: Config) -> Scenario:
     inner, nprocs = cfg.pick(10, 3), 8
 
     def rankd(p: _Pair) -> Samples:
-        out = []
+        out, trips = [], []
         for _ in range(inner):
             spec = make_spec(job_id("true"), nprocs, TRUE)
             t0 = perf_counter()
             p.agent.start(spec)
             out.append(ms(perf_counter() - t0))
             p.agent.wait_end(spec.job_id)
+            trips.append(_round_trip_after_pause(p.agent))
+        return {"start": out, "round trip": trips}
+
+    def core(p: _Pair) -> Samples:
+        c, out = p.in_process(), []
+        for _ in range(inner):
+            spec = spec_from_pb(make_spec(job_id("ctrue"), nprocs, TRUE))
+            t0 = perf_counter()
+            c.run(c.sup.start(spec))
+            out.append(ms(perf_counter() - t0))
+            c.run(c.sup.wait(spec.job_id))
         return {"start": out}
 
     def torch(p: _Pair) -> Samples:
@@ -84,7 +173,8 @@ def _start_true(cfg: Config) -> Scenario:
         metrics=("start",),
         target=Target("ratio_max", 1.0),
     )
-    return _scenario(cfg, "start_true", {"rankd": rankd, "torch": torch}, [row])
+    rows = [row, *_info_rows("start_true", "start", "start")]
+    return _scenario(cfg, "start_true", {"rankd": rankd, "torch": torch, "core": core}, rows)
 
 
 def _start_python(cfg: Config) -> Scenario:
@@ -170,7 +260,7 @@ def _kill(cfg: Config) -> Scenario:
     sleep = "/bin/sleep"
 
     def rankd(p: _Pair) -> Samples:
-        out = []
+        out, trips = [], []
         for _ in range(inner):
             spec = make_spec(job_id("kill"), nprocs, sleep, ["600"])
             job = p.agent.start(spec)
@@ -180,6 +270,20 @@ def _kill(cfg: Config) -> Scenario:
             out.append(ms(perf_counter() - t0))
             if job.state != pb.KILLED:
                 raise RuntimeError(f"killed job is {pb.JobState.Name(job.state)}")
+            trips.append(_round_trip_after_pause(p.agent))
+        return {"kill": out, "round trip": trips}
+
+    def core(p: _Pair) -> Samples:
+        c, out = p.in_process(), []
+        for _ in range(inner):
+            spec = spec_from_pb(make_spec(job_id("ckill"), nprocs, sleep, ["600"]))
+            job, _ = c.run(c.sup.start(spec))
+            wait_exec([r.pid for r in job.current.ranks], "sleep")
+            t0 = perf_counter()
+            attempt = c.run(c.sup.kill(spec.job_id))
+            out.append(ms(perf_counter() - t0))
+            if any(r.alive for r in attempt.ranks):
+                raise RuntimeError("the core's kill returned with ranks alive")
         return {"kill": out}
 
     def torch(p: _Pair) -> Samples:
@@ -202,7 +306,8 @@ def _kill(cfg: Config) -> Scenario:
         target=Target("ratio_max", 1.2),
         note="rankd: Kill RPC returns; torch: close()",
     )
-    return _scenario(cfg, "kill", {"rankd": rankd, "torch": torch}, [row])
+    rows = [row, *_info_rows("kill", "kill", "kill")]
+    return _scenario(cfg, "kill", {"rankd": rankd, "torch": torch, "core": core}, rows)
 
 
 def _exit_to_poll(cfg: Config) -> Scenario:
