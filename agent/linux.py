@@ -21,6 +21,7 @@ __all__ = [
     "Spawner",
     "children_of",
     "descendants",
+    "rename_noreplace",
     "set_child_subreaper",
     "task_children",
 ]
@@ -49,6 +50,18 @@ def set_child_subreaper() -> None:
     PR_SET_CHILD_SUBREAPER), so a rank's grandchildren that lose their parent stay
     within reach of the agent instead of moving to init."""
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename `src` to `dst`, which must not exist (renameat2 RENAME_NOREPLACE; a plain
+    rename silently replaces an empty directory). FileExistsError if it does."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)  # FileExistsError for EEXIST
 
 
 # glibc's posix_spawn flags (spawn.h)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
 
-from agent import procs, store
+from agent import procs, spares, store
 from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDenied, SpecError
 from agent.failures import Failure, read_failure, stderr_tail
 from agent.guardian import spawn_guardian
@@ -210,6 +210,8 @@ class Supervisor:
         # One thread for the job.json writes kept off the loop, in submission order (an
         # older state never overwrites a newer one).
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
+        spares.sweep(self.log_dir)
+        self._spares = spares.SpareDirs(self.log_dir, self._io.submit)
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
         self._restore()
@@ -255,6 +257,7 @@ class Supervisor:
             self._loop.remove_signal_handler(signal.SIGCHLD)
         self._flush_records()
         self._io.shutdown(wait=True)  # the last job.json writes land before we return
+        self._spares.close()
         if self._guardian_fd >= 0:  # the guardian sweeps for stragglers and exits
             os.close(self._guardian_fd)
             self._guardian_fd = -1
@@ -410,6 +413,7 @@ class Supervisor:
                     f"{self._max_running_ranks} running ranks ({running} running)"
                 )
             attempt = self._launch(job, spec)
+            self._spares.prepare(spec.nprocs)  # for the next Start of this size
             if job is None:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
@@ -441,8 +445,10 @@ class Supervisor:
             else job.run_dir
         )
         attempt_dir = os.path.join(run_dir, f"attempt_{spec.restart_count}")
-        try:
-            os.mkdir(attempt_dir)  # never reuse (torch rmtree's it; we keep every attempt)
+        try:  # never reuse one (torch rmtree's it; we keep every attempt)
+            made = self._spares.take(spec.nprocs, attempt_dir)
+            if not made:
+                os.mkdir(attempt_dir)
         except FileExistsError:
             raise AlreadyExists(
                 f"log directory {attempt_dir} exists already; attempts are never overwritten"
@@ -455,8 +461,9 @@ class Supervisor:
             marker=f"{self.tag}/{spec.job_id}/{spec.restart_count}",
         )
         try:
-            for rank in range(spec.nprocs):
-                os.mkdir(logs.rank_dir(rank))  # the files are created by spawn
+            if not made:
+                for rank in range(spec.nprocs):
+                    os.mkdir(logs.rank_dir(rank))  # the files are created by spawn
             assert self._watcher is not None
             self._watcher.watch(logs)
             for rank in range(spec.nprocs):

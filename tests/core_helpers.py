@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from agent import spares
 from agent.logs import STDERR, STDOUT, LogLine, LogReader
 from agent.specs import JobSpec
 from agent.supervisor import Attempt, Supervisor
@@ -114,7 +115,8 @@ class Core:
         return await asyncio.wait_for(self.sup.wait(job.job_id), timeout)
 
     def log_entries(self) -> list[str]:
-        return sorted(os.listdir(self.log_dir))
+        """The log dir's entries but the spare attempt directory (see agent.spares)."""
+        return sorted(e for e in os.listdir(self.log_dir) if not e.startswith(spares.PREFIX))
 
     @staticmethod
     def out_lines(attempt: Attempt, rank: int, stream: int = STDOUT) -> list[str]:

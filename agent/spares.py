@@ -1,0 +1,167 @@
+"""Attempt directories made ahead of time, so that a Start does not wait for them.
+
+An attempt of n ranks needs 1 + n directories and 2n output files before its ranks can
+run: 26 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and spawn waits
+for every one of them (the files are opened in the child, between vfork and exec).
+
+After each Start the agent makes the tree for one more attempt of the same size in its
+io thread, a moment later, under a hidden name in the log dir (`.spare-*`): the rank
+directories with their empty `stdout.log` and `stderr.log`, nothing else. The next
+Start with that many ranks takes it with one rename to its attempt directory; any other
+Start makes its directories as before. The files are the same as spawn would create
+(empty, same mode), and only the exact size is taken, so a log dir never shows a rank
+that did not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from agent.linux import rename_noreplace
+
+__all__ = ["PREFIX", "SpareDirs", "sweep"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = ".spare-"
+MAX_RANKS = 512  # larger attempts make their own directories (a spare holds 3n inodes)
+_DELAY = 0.02  # seconds after a Start: its ranks start first, without competition
+_FILES = ("stdout.log", "stderr.log")
+_FILE_MODE = 0o644  # as spawn creates them
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class SpareDirs:
+    """At most one spare attempt directory under `log_dir`, made by `submit` (the
+    agent's io thread). Used from the event loop only."""
+
+    def __init__(
+        self,
+        log_dir: str,
+        submit: Callable[[Callable[[], Any]], concurrent.futures.Future[Any]],
+    ) -> None:
+        self._log_dir = log_dir
+        self._submit = submit
+        self._nprocs = 0
+        self._pending: concurrent.futures.Future[str] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._failed = False  # making one failed once (read-only dir, quota): stop trying
+        self.taken = 0  # Starts that took a spare, for tests and metrics
+
+    def take(self, nprocs: int, attempt_dir: str) -> bool:
+        """Move a ready spare of exactly `nprocs` ranks to `attempt_dir`, which must not
+        exist (FileExistsError if it does; the spare is kept). False when none is ready
+        (not made yet, or of another size): the caller makes the directories."""
+        pending = self._pending
+        if pending is None or not pending.done() or pending.exception() is not None:
+            return False
+        if self._nprocs != nprocs:
+            self.discard()
+            return False
+        try:
+            rename_noreplace(pending.result(), attempt_dir)
+        except FileExistsError:
+            raise
+        except OSError as err:  # removed behind our back: make the directories instead
+            logger.warning("spare attempt directory unusable: %s", err)
+            self._pending = None
+            return False
+        self._pending = None
+        self.taken += 1
+        return True
+
+    def prepare(self, nprocs: int) -> None:
+        """Have a spare of `nprocs` ranks made a moment from now, unless one is made or
+        being made for that size."""
+        if self._failed or not 0 < nprocs <= MAX_RANKS or self._timer is not None:
+            return
+        if self._pending is not None:
+            if self._nprocs == nprocs:
+                return
+            self.discard()
+        self._timer = asyncio.get_running_loop().call_later(_DELAY, self._make, nprocs)
+
+    def _make(self, nprocs: int) -> None:
+        self._timer = None
+        if self._pending is not None:  # one was made meanwhile
+            return
+        self._nprocs = nprocs
+        try:
+            self._pending = self._submit(lambda: _make_tree(self._log_dir, nprocs))
+        except RuntimeError:  # the io thread is shut down: the agent is stopping
+            return
+        self._pending.add_done_callback(self._check)
+
+    def _check(self, done: concurrent.futures.Future[str]) -> None:
+        err = done.exception()
+        if err is not None:
+            self._failed = True
+            logger.warning("cannot make spare attempt directories, not trying again: %s", err)
+
+    def discard(self) -> None:
+        """Drop the spare (removed in the io thread, or here if that has stopped)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:  # the io thread made it, so it is done by the time this runs
+            self._submit(lambda: _remove_made(pending))
+        except RuntimeError:
+            _remove_made(pending)
+
+    def close(self) -> None:
+        """Remove the spare, waiting for one being made. Call after the io thread ran
+        its last task, or from it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _remove_made(pending)
+
+
+def _make_tree(log_dir: str, nprocs: int) -> str:
+    while True:  # not mkdtemp: its 0700 is not the mode of an attempt's directory
+        spare = os.path.join(log_dir, PREFIX + secrets.token_hex(6))
+        try:
+            os.mkdir(spare)
+            break
+        except FileExistsError:
+            continue
+    try:
+        for rank in range(nprocs):
+            rank_dir = os.path.join(spare, str(rank))
+            os.mkdir(rank_dir)
+            for name in _FILES:
+                os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
+    except BaseException:
+        _remove(spare)
+        raise
+    return spare
+
+
+def _remove_made(made: concurrent.futures.Future[str]) -> None:
+    if made.done() and made.exception() is None:
+        _remove(made.result())
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep(log_dir: str) -> None:
+    """Remove the spares an earlier agent left in `log_dir` (it was killed)."""
+    with contextlib.suppress(OSError), os.scandir(log_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith(PREFIX) and entry.is_dir(follow_symlinks=False):
+                _remove(entry.path)

@@ -1,0 +1,158 @@
+"""Spare attempt directories (agent.spares): made after a Start, taken by the next Start
+of the same size with one rename, never shown as ranks that did not run, removed when
+the agent stops, swept when an agent starts."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from core_helpers import PYTHON, Core, open_core, wait_until
+
+from agent import spares
+from agent.errors import AlreadyExists
+from agent.specs import JobSpec
+from agent.supervisor import RankState
+
+pytestmark = pytest.mark.timeout(60)
+
+WORKER = """
+    import os, sys
+    print("out", os.environ["LOCAL_RANK"])
+    print("err", os.environ["LOCAL_RANK"], file=sys.stderr)
+    sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[Core]:
+    async with open_core(tmp_path) as handle:
+        yield handle
+
+
+def _spec(job_id: str, script: str, nprocs: int, code: str, **kw: Any) -> JobSpec:
+    """`nprocs` ranks of the worker, each exiting with `code`."""
+    return JobSpec(job_id=job_id, nprocs=nprocs, entrypoint=PYTHON, args=("-u", script, code), **kw)
+
+
+def spare_dirs(log_dir: Path) -> list[Path]:
+    return sorted(p for p in log_dir.iterdir() if p.name.startswith(spares.PREFIX))
+
+
+async def ready_spare(log_dir: Path, nprocs: int) -> Path:
+    """Wait until the one spare directory holds `nprocs` complete rank directories."""
+
+    def made() -> bool:
+        found = spare_dirs(log_dir)
+        if len(found) != 1 or len(os.listdir(found[0])) != nprocs:
+            return False
+        return all(
+            sorted(os.listdir(found[0] / str(r))) == ["stderr.log", "stdout.log"]
+            for r in range(nprocs)
+        )
+
+    await wait_until(made, 10.0, f"a spare of {nprocs} ranks")
+    (spare,) = spare_dirs(log_dir)
+    return spare
+
+
+async def test_the_next_start_of_the_same_size_takes_the_spare(core: Core) -> None:
+    script = core.script("worker.py", WORKER)
+    first = await core.run(_spec("first", script, 2, "0"))
+    spare = await ready_spare(core.log_dir, 2)
+    inode = spare.stat().st_ino
+    # the files are what spawn would have made: empty, with the same mode
+    made_by_spawn = Path(first.ranks[0].stdout_path).stat()
+    assert (spare / "0" / "stdout.log").stat().st_size == 0
+    assert stat.S_IMODE((spare / "0" / "stdout.log").stat().st_mode) == stat.S_IMODE(
+        made_by_spawn.st_mode
+    )
+    assert stat.S_IMODE(spare.stat().st_mode) == stat.S_IMODE(
+        Path(first.logs.attempt_dir).stat().st_mode
+    )
+
+    second = await core.run(_spec("second", script, 2, "0"))
+
+    attempt_dir = Path(second.logs.attempt_dir)
+    assert attempt_dir.stat().st_ino == inode  # renamed, not made again
+    assert not spare.exists()
+    assert sorted(os.listdir(attempt_dir)) == ["0", "1"]
+    for r in range(2):
+        assert sorted(os.listdir(attempt_dir / str(r))) == ["stderr.log", "stdout.log"]
+        assert core.out_lines(second, r) == [f"out {r}"]
+        assert core.err_lines(second, r) == [f"err {r}"]
+    assert [(r.state, r.exit_code) for r in second.ranks] == [(RankState.SUCCEEDED, 0)] * 2
+    assert [(r.stdout_bytes, r.stderr_bytes) for r in second.ranks] == [(6, 6)] * 2
+
+    # failures are read as from any attempt directory (the error file is not made ahead)
+    inode = (await ready_spare(core.log_dir, 2)).stat().st_ino  # one more for the next
+    third = await core.run(_spec("third", script, 2, "3"))
+    assert Path(third.logs.attempt_dir).stat().st_ino == inode
+    root = third.failures()[0]
+    assert root.exit_code == 3
+    assert root.stderr_tail in (["err 0"], ["err 1"])
+
+
+async def test_another_size_makes_its_own_directories_and_the_spare_follows(
+    core: Core,
+) -> None:
+    script = core.script("worker.py", WORKER)
+    await core.run(_spec("two", script, 2, "0"))
+    old = await ready_spare(core.log_dir, 2)
+
+    three = await core.run(_spec("three", script, 3, "0"))
+    assert sorted(os.listdir(three.logs.attempt_dir)) == ["0", "1", "2"]
+    assert [core.out_lines(three, r) for r in range(3)] == [["out 0"], ["out 1"], ["out 2"]]
+    new = await ready_spare(core.log_dir, 3)  # the spare of 2 is gone
+    assert new != old and not old.exists()
+
+    one = await core.run(_spec("one", script, 1, "0"))
+    assert sorted(os.listdir(one.logs.attempt_dir)) == ["0"]  # no phantom ranks
+    await ready_spare(core.log_dir, 1)
+
+
+async def test_a_restart_takes_the_spare_into_its_run_directory(core: Core) -> None:
+    script = core.script("worker.py", WORKER)
+    await core.run(_spec("again", script, 2, "0"))
+    spare = await ready_spare(core.log_dir, 2)
+    inode = spare.stat().st_ino
+    second = await core.run(_spec("again", script, 2, "0", restart_count=1))
+    job = core.sup.job("again")
+    assert Path(second.logs.attempt_dir) == Path(job.run_dir, "attempt_1")
+    assert Path(second.logs.attempt_dir).stat().st_ino == inode
+    assert [core.out_lines(second, r) for r in range(2)] == [["out 0"], ["out 1"]]
+    assert core.log_entries() == [os.path.basename(job.run_dir)]
+
+
+async def test_an_existing_attempt_directory_keeps_the_spare(core: Core) -> None:
+    script = core.script("worker.py", WORKER)
+    await core.run(_spec("taken", script, 1, "0"))
+    spare = await ready_spare(core.log_dir, 1)
+    inode = spare.stat().st_ino
+    squatter = Path(core.sup.job("taken").run_dir, "attempt_1")
+    squatter.mkdir()
+    with pytest.raises(AlreadyExists, match="exists already"):
+        await core.sup.start(_spec("taken", script, 1, "0", restart_count=1))
+    assert os.listdir(squatter) == []
+    assert spare_dirs(core.log_dir) == [spare]  # still there for the next Start
+    other = await core.run(_spec("other", script, 1, "0"))
+    assert Path(other.logs.attempt_dir).stat().st_ino == inode
+    assert not spare.exists()
+
+
+async def test_close_removes_the_spare_and_a_new_agent_sweeps_stale_ones(tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    stale = log_dir / f"{spares.PREFIX}left-by-a-killed-agent"
+    (stale / "0").mkdir(parents=True)
+    (stale / "0" / "stdout.log").write_text("")
+    async with open_core(tmp_path) as core:  # a Supervisor over the same log dir
+        assert not stale.exists()
+        script = core.script("worker.py", WORKER)
+        await core.run(_spec("j", script, 2, "0"))
+        await ready_spare(log_dir, 2)
+    assert spare_dirs(log_dir) == []
+    assert len(os.listdir(log_dir)) == 1  # the job's run directory, nothing else
