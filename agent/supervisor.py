@@ -101,6 +101,7 @@ class Attempt:
     # the process group or their parent are still known: "<agent tag>/<job>/<attempt>".
     marker: str = ""
     terminating: asyncio.Task[None] | None = None
+    live: int = 0  # ranks that have not exited
     spec_record: dict[str, Any] | None = field(default=None, repr=False)  # job.json's, cached
     env_common: dict[str, bytes] | None = field(default=None, repr=False)  # see _rank_env
     recorded: concurrent.futures.Future[None] | None = None  # the final job.json write
@@ -196,6 +197,9 @@ class Supervisor:
             else frozenset(os.path.realpath(p) for p in allowed_entrypoints)
         )
         self._jobs: dict[str, Job] = {}
+        # ids of the jobs whose current attempt has ended, in the order they ended: the
+        # first is the one to forget at --max-jobs (no scan of every job per Start)
+        self._ended: dict[str, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: LogWatcher | None = None
         self._exits: procs.ExitWatcher[tuple[Attempt, Rank]] | None = None
@@ -324,6 +328,8 @@ class Supervisor:
             self._jobs[job.job_id] = job
             if any(a.reason.startswith(_LOST) for a in job.attempts):
                 self._record(job).result()
+        for job in sorted(self._jobs.values(), key=lambda j: j.current.end_time):
+            self._ended[job.job_id] = None  # a restored attempt has always ended
         if self._jobs:
             logger.info("restored %d jobs from %s", len(self._jobs), self.log_dir)
 
@@ -418,6 +424,7 @@ class Supervisor:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
             job.attempts.append(attempt)
+            self._ended.pop(job.job_id, None)
             self._bump(job.job_id)
             # on disk before Start answers: a crash cannot lose the job. Written here,
             # not in the io thread: the hand-over would cost more than the write.
@@ -427,15 +434,12 @@ class Supervisor:
     def _forget_oldest_ended(self) -> bool:
         """Drop the job that ended longest ago from memory (its files and job.json stay on
         disk), so a long-lived agent holds at most max_jobs jobs. False if all run."""
-        ended = [j for j in self._jobs.values() if j.current.ended]
-        if not ended:
-            return False
-        oldest = min(ended, key=lambda j: j.current.end_time)
-        del self._jobs[oldest.job_id]
-        logger.info(
-            "forgetting job %s (ended longest ago) to stay within --max-jobs", oldest.job_id
-        )
-        return True
+        for job_id in self._ended:
+            del self._ended[job_id]
+            del self._jobs[job_id]
+            logger.info("forgetting job %s (ended longest ago) to stay within --max-jobs", job_id)
+            return True
+        return False
 
     def _launch(self, job: Job | None, spec: JobSpec) -> Attempt:
         new_run_dir = job is None
@@ -468,6 +472,7 @@ class Supervisor:
             self._watcher.watch(logs)
             for rank in range(spec.nprocs):
                 attempt.ranks.append(self._spawn_rank(attempt, rank))
+                attempt.live += 1
         except OSError as err:
             self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
             raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
@@ -548,7 +553,7 @@ class Supervisor:
             self._rank_exited(attempt, rank, code, exit_time)
             touched[id(attempt)] = attempt
         for attempt in touched.values():
-            if not attempt.ended and not any(r.alive for r in attempt.ranks):
+            if not attempt.ended and attempt.live == 0:
                 self._finish(attempt)
             self._bump(attempt.spec.job_id)
         if self._orphans_waiting:
@@ -556,6 +561,7 @@ class Supervisor:
 
     def _rank_exited(self, attempt: Attempt, rank: Rank, code: int, exit_time: float) -> None:
         self._rank_pids.discard(rank.pid)
+        attempt.live -= 1
         rank.exit_code = code
         rank.end_time = exit_time
         rank.stdout_bytes = attempt.logs.size(rank.local_rank, STDOUT)
@@ -604,6 +610,9 @@ class Supervisor:
             attempt.state = JobState.SUCCEEDED
             attempt.reason = "every rank exited with code 0"
         attempt.end_time = time.time()
+        if self._jobs.get(attempt.spec.job_id) is not None:
+            self._ended.pop(attempt.spec.job_id, None)
+            self._ended[attempt.spec.job_id] = None
         attempt.logs.mark_ended()
         attempt.done.set()
         for waiter in attempt.end_waiters:

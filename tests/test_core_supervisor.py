@@ -240,6 +240,38 @@ async def test_close_kills_running_jobs(core: Core) -> None:
     ] * 2
 
 
+async def test_max_jobs_forgets_the_job_that_ended_longest_ago(tmp_path: Path) -> None:
+    sup = Supervisor(str(tmp_path / "logs"), max_jobs=3)
+
+    async def run(job_id: str, restart_count: int = 0) -> None:
+        spec = JobSpec(job_id=job_id, nprocs=1, entrypoint="/bin/true", restart_count=restart_count)
+        await sup.start(spec)
+        await asyncio.wait_for(sup.wait(job_id), 20)
+
+    try:
+        for job_id in ("a", "b", "c"):
+            await run(job_id)
+        await run("a", restart_count=1)  # a ended again, after b and c
+        await run("d")
+        assert sorted(j.job_id for j in sup.jobs()) == ["a", "c", "d"]
+        await run("e")
+        assert sorted(j.job_id for j in sup.jobs()) == ["a", "d", "e"]
+        sleeping = JobSpec(job_id="f", nprocs=1, entrypoint="/bin/sleep", args=("30",))
+        await sup.start(sleeping)  # forgets a; then only running or newer jobs remain
+        assert sorted(j.job_id for j in sup.jobs()) == ["d", "e", "f"]
+    finally:
+        await sup.close(timeout=2.0)
+
+    # a new Supervisor restores the newest three and forgets in the order they ended
+    sup = Supervisor(str(tmp_path / "logs"), max_jobs=3)
+    try:
+        assert sorted(j.job_id for j in sup.jobs()) == ["d", "e", "f"]
+        await run("g")
+        assert sorted(j.job_id for j in sup.jobs()) == ["e", "f", "g"]
+    finally:
+        await sup.close(timeout=2.0)
+
+
 async def test_running_ranks_limit_starts_nothing(tmp_path: Path) -> None:
     sup = Supervisor(str(tmp_path / "logs"), max_running_ranks=2)
     try:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from conftest import AgentProcess, start_agent, wait_until
 
+from agent.spares import PREFIX
 from protos.rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
@@ -226,6 +227,7 @@ def test_max_jobs_forgets_the_oldest_ended_jobs(tmp_path: Path) -> None:
             _lines(agent, f"old-{i}", follow=True)
         held = [j.job_id for j in agent.stub.List(pb.ListRequest(), timeout=5).jobs]
         assert held == ["old-2", "old-3", "old-4"]
-        assert len(list((tmp_path / "logs").iterdir())) == 5  # nothing deleted on disk
+        runs = [p for p in (tmp_path / "logs").iterdir() if not p.name.startswith(PREFIX)]
+        assert len(runs) == 5  # nothing deleted on disk
     finally:
         agent.stop()
