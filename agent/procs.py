@@ -105,6 +105,7 @@ class ExitWatcher(Generic[K]):
         self._on_exits = on_exits
         self._epoll = select.epoll()
         self._watched: dict[int, tuple[int, K]] = {}  # pidfd -> (pid, key)
+        self._spent: list[int] = []  # pidfds of reaped processes, to close
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def watch(self, pid: int, key: K) -> None:
@@ -126,10 +127,17 @@ class ExitWatcher(Generic[K]):
                 self._epoll.modify(fd, _ONE_EXIT)
                 continue
             del self._watched[fd]
-            os.close(fd)
+            self._spent.append(fd)
             exits.append((key, os.waitstatus_to_exitcode(status), exit_time))
+        if self._spent:  # closed after the exits are handled (off a Kill's answer)
+            self._loop.call_soon(self._close_spent)
         if exits:
             self._on_exits(exits)
+
+    def _close_spent(self) -> None:
+        spent, self._spent = self._spent, []
+        for fd in spent:
+            os.close(fd)
 
     def close(self) -> None:
         """Stop watching (the processes are left as they are)."""
@@ -138,6 +146,7 @@ class ExitWatcher(Generic[K]):
         for fd in self._watched:
             os.close(fd)
         self._watched.clear()
+        self._close_spent()
         self._epoll.close()
 
 

@@ -4,9 +4,10 @@ An attempt of n ranks needs 1 + n directories and 2n output files before its ran
 run: 26 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and spawn waits
 for every one of them (the files are opened in the child, between vfork and exec).
 
-After each Start the agent makes the tree for one more attempt of the same size in its
-io thread a moment later, under a hidden name in the log dir (`.spare-*`): the rank
-directories with their empty `stdout.log` and `stderr.log`, nothing else. The next
+After each Start the agent makes the tree for one more attempt of the same size a moment
+later, in a thread of its own that pauses while a Start or a Kill runs, under a hidden
+name in the log dir (`.spare-*`): the rank directories with their empty `stdout.log` and
+`stderr.log`, nothing else. The next
 Start with that many ranks takes it with one rename to its attempt directory; any other
 Start makes its directories as before. The files are the same as spawn would create
 (empty, same mode), and only the exact size is taken, so a log dir never shows a rank
@@ -22,8 +23,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
-from typing import Any
+import threading
 
 from agent.linux import rename_noreplace
 
@@ -43,21 +43,32 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class SpareDirs:
-    """At most one spare attempt directory under `log_dir`, made by `submit` (the
-    agent's io thread). Used from the event loop only."""
+    """At most one spare attempt directory under `log_dir`, made in a thread of its own
+    that pauses between two ranks while the agent holds it (during a Start or a Kill),
+    so that it never competes with them for the CPU. Used from the event loop only."""
 
-    def __init__(
-        self,
-        log_dir: str,
-        submit: Callable[[Callable[[], Any]], concurrent.futures.Future[Any]],
-    ) -> None:
+    def __init__(self, log_dir: str) -> None:
         self._log_dir = log_dir
-        self._submit = submit
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # at first use
         self._nprocs = 0
         self._pending: concurrent.futures.Future[str] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._holds = 0
+        self._quiet = threading.Event()  # set while nobody holds: the maker may go on
+        self._quiet.set()
+        self._closed = False  # the maker stops at its next rank
         self._failed = False  # making one failed once (read-only dir, quota): stop trying
         self.taken = 0  # Starts that took a spare, for tests and metrics
+
+    def hold(self) -> None:
+        """Pause the making of a spare (at its next rank) until as many `release`s."""
+        self._holds += 1
+        self._quiet.clear()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            self._quiet.set()
 
     def take(self, nprocs: int, attempt_dir: str) -> bool:
         """Move a ready spare of exactly `nprocs` ranks to `attempt_dir`, which must not
@@ -84,7 +95,9 @@ class SpareDirs:
     def prepare(self, nprocs: int) -> None:
         """Have a spare of `nprocs` ranks made a moment from now, unless one is made or
         being made for that size."""
-        if self._failed or not 0 < nprocs <= MAX_RANKS or self._timer is not None:
+        if self._failed or self._closed or self._timer is not None:
+            return
+        if not 0 < nprocs <= MAX_RANKS:
             return
         if self._pending is not None:
             if self._nprocs == nprocs:
@@ -94,63 +107,68 @@ class SpareDirs:
 
     def _make(self, nprocs: int) -> None:
         self._timer = None
-        if self._pending is not None:  # one was made meanwhile
+        if self._pending is not None or self._closed:
             return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-spare")
         self._nprocs = nprocs
-        try:
-            self._pending = self._submit(lambda: _make_tree(self._log_dir, nprocs))
-        except RuntimeError:  # the io thread is shut down: the agent is stopping
-            return
+        self._pending = self._pool.submit(self._make_tree, nprocs)
         self._pending.add_done_callback(self._check)
+
+    def _make_tree(self, nprocs: int) -> str:
+        """In the spare thread: a tree of `nprocs` ranks; pauses while held."""
+        while True:  # not mkdtemp: its 0700 is not the mode of an attempt's directory
+            spare = os.path.join(self._log_dir, PREFIX + secrets.token_hex(6))
+            try:
+                os.mkdir(spare)
+                break
+            except FileExistsError:
+                continue
+        try:
+            for rank in range(nprocs):
+                self._quiet.wait()
+                if self._closed:
+                    raise _Stopped
+                rank_dir = os.path.join(spare, str(rank))
+                os.mkdir(rank_dir)
+                for name in _FILES:
+                    os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
+        except BaseException:
+            _remove(spare)
+            raise
+        return spare
 
     def _check(self, done: concurrent.futures.Future[str]) -> None:
         err = done.exception()
-        if err is not None:
+        if err is not None and not isinstance(err, _Stopped):
             self._failed = True
             logger.warning("cannot make spare attempt directories, not trying again: %s", err)
 
     def discard(self) -> None:
-        """Drop the spare (removed in the io thread, or here if that has stopped)."""
+        """Drop the spare (removed in the spare thread, which made it)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:  # the io thread made it, so it is done by the time this runs
-            self._submit(lambda: _remove_made(pending))
-        except RuntimeError:
-            _remove_made(pending)
+        if pending is not None and self._pool is not None:
+            self._pool.submit(_remove_made, pending)  # runs after the making: done then
 
     def close(self) -> None:
-        """Remove the spare, waiting for one being made. Call after the io thread ran
-        its last task, or from it."""
+        """Stop making spares and remove the one there is (waits for the thread)."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._quiet.set()  # a held maker wakes up, sees _closed and stops
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         pending, self._pending = self._pending, None
         if pending is not None:
             _remove_made(pending)
 
 
-def _make_tree(log_dir: str, nprocs: int) -> str:
-    while True:  # not mkdtemp: its 0700 is not the mode of an attempt's directory
-        spare = os.path.join(log_dir, PREFIX + secrets.token_hex(6))
-        try:
-            os.mkdir(spare)
-            break
-        except FileExistsError:
-            continue
-    try:
-        for rank in range(nprocs):
-            rank_dir = os.path.join(spare, str(rank))
-            os.mkdir(rank_dir)
-            for name in _FILES:
-                os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
-    except BaseException:
-        _remove(spare)
-        raise
-    return spare
+class _Stopped(Exception):
+    """The agent stopped while a spare was being made."""
 
 
 def _remove_made(made: concurrent.futures.Future[str]) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
@@ -215,7 +216,7 @@ class Supervisor:
         # older state never overwrites a newer one).
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
         spares.sweep(self.log_dir)
-        self._spares = spares.SpareDirs(self.log_dir, self._io.submit)
+        self._spares = spares.SpareDirs(self.log_dir)
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
         self._restore()
@@ -385,7 +386,7 @@ class Supervisor:
                 f"entrypoint {spec.entrypoint} is not allowed on this agent "
                 f"(allowed: {', '.join(sorted(self._allowed))}; see --allow-entrypoint)"
             )
-        async with self._start_lock:
+        async with self._start_lock, self._holding_spares():
             job = self._jobs.get(spec.job_id)
             if job is not None:
                 current = job.current
@@ -430,6 +431,15 @@ class Supervisor:
             # not in the io thread: the hand-over would cost more than the write.
             store.write_job_file(job.run_dir, _job_record(job))
             return job, True
+
+    @contextlib.asynccontextmanager
+    async def _holding_spares(self) -> AsyncIterator[None]:
+        """No spare is made while this runs, nor until the loop's next turn (the answer)."""
+        self._spares.hold()
+        try:
+            yield
+        finally:
+            asyncio.get_running_loop().call_soon(self._spares.release)
 
     def _forget_oldest_ended(self) -> bool:
         """Drop the job that ended longest ago from memory (its files and job.json stay on
@@ -476,11 +486,14 @@ class Supervisor:
         except OSError as err:
             self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
             raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
-        assert self._exits is not None
-        for rank_obj in attempt.ranks:
-            self._exits.watch(rank_obj.pid, (attempt, rank_obj))
+        # The exit watches and the log line on the loop's next turn, after Start's
+        # answer: a rank's exit waits for its watch as a zombie (nobody else reaps it).
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._watch_exits, attempt)
         self._start_mirrors(attempt)
-        logger.info(
+        _log_soon(
+            loop,
+            logging.INFO,
             "job %s attempt %d started: %d ranks of %s, logs in %s",
             spec.job_id,
             spec.restart_count,
@@ -490,6 +503,12 @@ class Supervisor:
             extra=_ctx(attempt),
         )
         return attempt
+
+    def _watch_exits(self, attempt: Attempt) -> None:
+        if self._exits is None:  # closed meanwhile
+            return
+        for rank in attempt.ranks:
+            self._exits.watch(rank.pid, (attempt, rank))
 
     def _undo_launch(self, attempt: Attempt, remove_dir: str) -> None:
         """A launch failed half-way (exec error): leave nothing behind."""
@@ -619,7 +638,9 @@ class Supervisor:
             _resolve(waiter)
         attempt.end_waiters.clear()
         self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
-        logger.info(
+        _log_soon(  # after the answers of Kill and Poll
+            asyncio.get_running_loop(),
+            logging.INFO,
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
             attempt.restart_count,
@@ -700,8 +721,12 @@ class Supervisor:
             attempt.state = JobState.KILLED
             attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
             self._bump(job_id)
-        await self._terminate(attempt, sig, timeout)
-        await _until_ended(attempt, SIGKILL_WAIT)
+        self._spares.hold()  # the ranks' exits get both CPUs
+        try:
+            await self._terminate(attempt, sig, timeout)
+            await _until_ended(attempt, SIGKILL_WAIT)
+        finally:
+            asyncio.get_running_loop().call_soon(self._spares.release)  # after the answer
         return attempt
 
     # -- mirrors: tee to the console, duplicate filters to files ---------------------------
@@ -836,6 +861,14 @@ def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
         )
     attempt.done.set()
     return attempt
+
+
+def _log_soon(
+    loop: asyncio.AbstractEventLoop, level: int, msg: str, *args: object, extra: dict[str, object]
+) -> None:
+    """Log on the loop's next turn: off the path of the answer being built."""
+    if logger.isEnabledFor(level):
+        loop.call_soon(functools.partial(logger.log, level, msg, *args, extra=extra))
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
