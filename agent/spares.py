@@ -1,14 +1,15 @@
-"""Attempt directories made ahead of time, so that a Start does not wait for them.
+"""Run directories made ahead of time, so that a Start does not wait for them.
 
-An attempt of n ranks needs 1 + n directories and 2n output files before its ranks can
-run: 26 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and spawn waits
-for every one of them (the files are opened in the child, between vfork and exec).
+A new job of n ranks needs 2 + n directories, 2n output files and its job.json before
+Start answers: 28 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and
+spawn waits for the output files (opened in the child, between vfork and exec).
 
 After each Start the agent makes the tree for one more attempt of the same size a moment
 later, in a thread of its own that pauses while a Start or a Kill runs, under a hidden
-name in the log dir (`.spare-*`): the rank directories with their empty `stdout.log` and
-`stderr.log`, nothing else. The next
-Start with that many ranks takes it with one rename to its attempt directory; any other
+name in the log dir (`.spare-*`, mode 0700 as a run directory): `attempt_0/` with the
+rank directories and their empty `stdout.log` and `stderr.log`, and an empty `job.json`.
+The next Start of a new job with that many ranks takes it by renaming it to the job's
+run directory; a restart takes its `attempt_0/` as its attempt directory. Any other
 Start makes its directories as before. The files are the same as spawn would create
 (empty, same mode), and only the exact size is taken, so a log dir never shows a rank
 that did not run.
@@ -26,8 +27,9 @@ import shutil
 import threading
 
 from agent.linux import rename_noreplace
+from agent.store import JOB_FILE  # written in place by the job's first record
 
-__all__ = ["PREFIX", "SpareDirs", "sweep"]
+__all__ = ["PREFIX", "SpareDirs", "make_dir", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,14 @@ MAX_RANKS = 512  # larger attempts make their own directories (a spare holds 3n 
 # answer when made at once)
 _DELAY = 0.005
 _FILES = ("stdout.log", "stderr.log")
+_ATTEMPT = "attempt_0"
+_JOB_FILE_MODE = 0o600
 _FILE_MODE = 0o644  # as spawn creates them
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class SpareDirs:
-    """At most one spare attempt directory under `log_dir`, made in a thread of its own
+    """At most one spare run directory under `log_dir`, made in a thread of its own
     that pauses between two ranks while the agent holds it (during a Start or a Kill),
     so that it never competes with them for the CPU. Used from the event loop only."""
 
@@ -70,22 +74,44 @@ class SpareDirs:
         if self._holds == 0:
             self._quiet.set()
 
-    def take(self, nprocs: int, attempt_dir: str) -> bool:
-        """Move a ready spare of exactly `nprocs` ranks to `attempt_dir`, which must not
-        exist (FileExistsError if it does; the spare is kept). False when none is ready
-        (not made yet, or of another size): the caller makes the directories."""
+    def take_run(self, nprocs: int, run_dir: str, attempt: str) -> bool:
+        """Move a ready spare of exactly `nprocs` ranks to `run_dir` (a new job's, which
+        must not exist: FileExistsError, the spare is kept), its attempt directory named
+        `attempt`. False when none is ready (not made yet, or of another size): the
+        caller makes the directories."""
+        spare = self._ready(nprocs)
+        if spare is None or not self._move(spare, run_dir):
+            return False
+        if attempt != _ATTEMPT:
+            os.rename(os.path.join(run_dir, _ATTEMPT), os.path.join(run_dir, attempt))
+        return True
+
+    def take_attempt(self, nprocs: int, attempt_dir: str) -> bool:
+        """As `take_run`, for a new attempt of a known job: only the attempt directory is
+        used (moved to `attempt_dir`); the rest is removed in the spare thread."""
+        spare = self._ready(nprocs)
+        if spare is None or not self._move(os.path.join(spare, _ATTEMPT), attempt_dir):
+            return False
+        assert self._pool is not None  # it made the spare
+        self._pool.submit(_remove, spare)
+        return True
+
+    def _ready(self, nprocs: int) -> str | None:
         pending = self._pending
         if pending is None or not pending.done() or pending.exception() is not None:
-            return False
+            return None
         if self._nprocs != nprocs:
             self.discard()
-            return False
+            return None
+        return pending.result()
+
+    def _move(self, src: str, dst: str) -> bool:
         try:
-            rename_noreplace(pending.result(), attempt_dir)
+            rename_noreplace(src, dst)
         except FileExistsError:
             raise
         except OSError as err:  # removed behind our back: make the directories instead
-            logger.warning("spare attempt directory unusable: %s", err)
+            logger.warning("spare run directory unusable: %s", err)
             self._pending = None
             return False
         self._pending = None
@@ -117,19 +143,17 @@ class SpareDirs:
 
     def _make_tree(self, nprocs: int) -> str:
         """In the spare thread: a tree of `nprocs` ranks; pauses while held."""
-        while True:  # not mkdtemp: its 0700 is not the mode of an attempt's directory
-            spare = os.path.join(self._log_dir, PREFIX + secrets.token_hex(6))
-            try:
-                os.mkdir(spare)
-                break
-            except FileExistsError:
-                continue
+        spare = make_dir(self._log_dir, PREFIX)
         try:
+            attempt = os.path.join(spare, _ATTEMPT)
+            os.mkdir(attempt)
+            job_file = os.path.join(spare, JOB_FILE)
+            os.close(os.open(job_file, _FILE_FLAGS, _JOB_FILE_MODE))
             for rank in range(nprocs):
                 self._quiet.wait()
                 if self._closed:
                     raise _Stopped
-                rank_dir = os.path.join(spare, str(rank))
+                rank_dir = os.path.join(attempt, str(rank))
                 os.mkdir(rank_dir)
                 for name in _FILES:
                     os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
@@ -169,6 +193,17 @@ class SpareDirs:
 
 class _Stopped(Exception):
     """The agent stopped while a spare was being made."""
+
+
+def make_dir(parent: str, prefix: str) -> str:
+    """A new directory `<parent>/<prefix><8 random characters>`, mode 0700 (as mkdtemp)."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _remove_made(made: concurrent.futures.Future[str]) -> None:

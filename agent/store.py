@@ -68,11 +68,25 @@ def failure_from_dict(data: dict[str, Any]) -> Failure:
     return Failure(**data)
 
 
-def write_job_file(run_dir: str, data: dict[str, Any]) -> None:
+def write_job_file(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> None:
     """Replace `<run_dir>/job.json` atomically; a failure to write is logged, not raised
-    (the job runs on; only its record after a restart is at stake)."""
+    (the job runs on; only its record after a restart is at stake). `fresh`: the job's
+    first record, written in place (over the empty file of a spare run directory, see
+    agent.spares): there is no earlier record that a torn write could spoil."""
     # compact: the C encoder (indent= falls back to the pure-Python one, 10x slower)
     payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
+    if fresh:
+        try:
+            fd = os.open(
+                os.path.join(run_dir, JOB_FILE),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o600,
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+        except OSError:
+            logger.exception("could not record job state in %s", run_dir)
+        return
     # one temporary name per writing thread (the loop's, the io thread's)
     tmp = os.path.join(run_dir, f".job-{threading.get_native_id()}.json")
     try:

@@ -23,7 +23,6 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -421,6 +420,7 @@ class Supervisor:
                 )
             attempt = self._launch(job, spec)
             self._spares.prepare(spec.nprocs)  # for the next Start of this size
+            fresh = job is None
             if job is None:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
                 self._jobs[spec.job_id] = job
@@ -429,7 +429,7 @@ class Supervisor:
             self._bump(job.job_id)
             # on disk before Start answers: a crash cannot lose the job. Written here,
             # not in the io thread: the hand-over would cost more than the write.
-            store.write_job_file(job.run_dir, _job_record(job))
+            store.write_job_file(job.run_dir, _job_record(job), fresh=fresh)
             return job, True
 
     @contextlib.asynccontextmanager
@@ -453,20 +453,21 @@ class Supervisor:
 
     def _launch(self, job: Job | None, spec: JobSpec) -> Attempt:
         new_run_dir = job is None
-        run_dir = (
-            tempfile.mkdtemp(prefix=f"{spec.job_id}_", dir=self.log_dir)
-            if job is None
-            else job.run_dir
-        )
-        attempt_dir = os.path.join(run_dir, f"attempt_{spec.restart_count}")
-        try:  # never reuse one (torch rmtree's it; we keep every attempt)
-            made = self._spares.take(spec.nprocs, attempt_dir)
-            if not made:
-                os.mkdir(attempt_dir)
-        except FileExistsError:
-            raise AlreadyExists(
-                f"log directory {attempt_dir} exists already; attempts are never overwritten"
-            ) from None
+        attempt_name = f"attempt_{spec.restart_count}"
+        if job is None:
+            run_dir, made = self._new_run_dir(spec, attempt_name)
+            attempt_dir = os.path.join(run_dir, attempt_name)
+        else:
+            run_dir = job.run_dir
+            attempt_dir = os.path.join(run_dir, attempt_name)
+            try:  # never reuse one (torch rmtree's it; we keep every attempt)
+                made = self._spares.take_attempt(spec.nprocs, attempt_dir)
+                if not made:
+                    os.mkdir(attempt_dir)
+            except FileExistsError:
+                raise AlreadyExists(
+                    f"log directory {attempt_dir} exists already; attempts are never overwritten"
+                ) from None
         logs = AttemptLogs(attempt_dir, spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)])
         attempt = Attempt(
             spec=spec,
@@ -509,6 +510,26 @@ class Supervisor:
             return
         for rank in attempt.ranks:
             self._exits.watch(rank.pid, (attempt, rank))
+
+    def _new_run_dir(self, spec: JobSpec, attempt_name: str) -> tuple[str, bool]:
+        """A new job's run directory `<job_id>_<random>` with its attempt directory, from
+        the spare if one fits; True if so (the rank directories are made too)."""
+        prefix = f"{spec.job_id}_"
+        while True:
+            run_dir = os.path.join(self.log_dir, prefix + secrets.token_hex(4))
+            try:
+                if self._spares.take_run(spec.nprocs, run_dir, attempt_name):
+                    return run_dir, True
+            except FileExistsError:  # that name is taken: draw another
+                continue
+            break
+        run_dir = spares.make_dir(self.log_dir, prefix)
+        try:
+            os.mkdir(os.path.join(run_dir, attempt_name))
+        except OSError:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return run_dir, False
 
     def _undo_launch(self, attempt: Attempt, remove_dir: str) -> None:
         """A launch failed half-way (exec error): leave nothing behind."""

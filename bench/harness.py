@@ -32,6 +32,12 @@ __all__ = [
 Samples = dict[str, list[float]]
 
 
+# seconds between two sides' runs: what a side leaves running in the background (the
+# agent's spare run directory, its job.json writes 10 ms after an end) finishes before
+# the other side is measured, and is not counted against it
+SETTLE = 0.05
+
+
 def progress(message: str) -> None:
     """One progress line on stderr (stdout carries only the table)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -236,6 +242,7 @@ def run_scenario(
         for rep in range(reps):
             order = names if rep % 2 == 0 else names[::-1]
             for name in order:
+                time.sleep(SETTLE)
                 got = scenario.sides[name](state)
                 _merge(samples[name], got)
                 progress(f"{scenario.id}: rep {rep + 1}/{reps} {name}: {_brief(got)}")

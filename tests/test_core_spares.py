@@ -1,9 +1,10 @@
-"""Spare attempt directories (agent.spares): made after a Start, taken by the next Start
-of the same size with one rename, never shown as ranks that did not run, removed when
-the agent stops, swept when an agent starts."""
+"""Spare run directories (agent.spares): made after a Start, taken by the next Start of
+the same size with one rename (a restart takes its attempt directory), never shown as
+ranks that did not run, removed when the agent stops, swept when an agent starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -44,14 +45,18 @@ def spare_dirs(log_dir: Path) -> list[Path]:
 
 
 async def ready_spare(log_dir: Path, nprocs: int) -> Path:
-    """Wait until the one spare directory holds `nprocs` complete rank directories."""
+    """Wait until the one spare run directory holds `nprocs` complete rank directories
+    and its job.json."""
 
     def made() -> bool:
         found = spare_dirs(log_dir)
-        if len(found) != 1 or len(os.listdir(found[0])) != nprocs:
+        if len(found) != 1 or sorted(os.listdir(found[0])) != ["attempt_0", "job.json"]:
+            return False
+        attempt = found[0] / "attempt_0"
+        if len(os.listdir(attempt)) != nprocs:
             return False
         return all(
-            sorted(os.listdir(found[0] / str(r))) == ["stderr.log", "stdout.log"]
+            sorted(os.listdir(attempt / str(r))) == ["stderr.log", "stdout.log"]
             for r in range(nprocs)
         )
 
@@ -65,21 +70,31 @@ async def test_the_next_start_of_the_same_size_takes_the_spare(core: Core) -> No
     first = await core.run(_spec("first", script, 2, "0"))
     spare = await ready_spare(core.log_dir, 2)
     inode = spare.stat().st_ino
-    # the files are what spawn would have made: empty, with the same mode
-    made_by_spawn = Path(first.ranks[0].stdout_path).stat()
-    assert (spare / "0" / "stdout.log").stat().st_size == 0
-    assert stat.S_IMODE((spare / "0" / "stdout.log").stat().st_mode) == stat.S_IMODE(
-        made_by_spawn.st_mode
-    )
-    assert stat.S_IMODE(spare.stat().st_mode) == stat.S_IMODE(
-        Path(first.logs.attempt_dir).stat().st_mode
-    )
+    # the files and directories are what a Start would have made: same modes
+    for made_ahead, made_by_start in (
+        (spare, first.logs.attempt_dir + "/.."),
+        (spare / "attempt_0", first.logs.attempt_dir),
+        (spare / "attempt_0" / "0", first.logs.rank_dir(0)),
+        (spare / "attempt_0" / "0" / "stdout.log", first.ranks[0].stdout_path),
+        (spare / "job.json", Path(first.logs.attempt_dir).parent / "job.json"),
+    ):
+        assert stat.S_IMODE(made_ahead.stat().st_mode) == stat.S_IMODE(
+            Path(made_by_start).stat().st_mode
+        ), made_ahead
+    assert (spare / "attempt_0" / "0" / "stdout.log").stat().st_size == 0
+    assert (spare / "job.json").stat().st_size == 0
 
     second = await core.run(_spec("second", script, 2, "0"))
 
     attempt_dir = Path(second.logs.attempt_dir)
-    assert attempt_dir.stat().st_ino == inode  # renamed, not made again
+    run_dir = Path(core.sup.job("second").run_dir)
+    assert run_dir.stat().st_ino == inode  # renamed, not made again
+    assert attempt_dir == run_dir / "attempt_0"
+    assert run_dir.name.startswith("second_") and len(run_dir.name) == len("second_") + 8
     assert not spare.exists()
+    assert sorted(os.listdir(run_dir)) == ["attempt_0", "job.json"]
+    record = json.loads((run_dir / "job.json").read_text())  # written over the empty one
+    assert record["job_id"] == "second"
     assert sorted(os.listdir(attempt_dir)) == ["0", "1"]
     for r in range(2):
         assert sorted(os.listdir(attempt_dir / str(r))) == ["stderr.log", "stdout.log"]
@@ -91,7 +106,7 @@ async def test_the_next_start_of_the_same_size_takes_the_spare(core: Core) -> No
     # failures are read as from any attempt directory (the error file is not made ahead)
     inode = (await ready_spare(core.log_dir, 2)).stat().st_ino  # one more for the next
     third = await core.run(_spec("third", script, 2, "3"))
-    assert Path(third.logs.attempt_dir).stat().st_ino == inode
+    assert Path(core.sup.job("third").run_dir).stat().st_ino == inode
     root = third.failures()[0]
     assert root.exit_code == 3
     assert root.stderr_tail in (["err 0"], ["err 1"])
@@ -119,13 +134,23 @@ async def test_a_restart_takes_the_spare_into_its_run_directory(core: Core) -> N
     script = core.script("worker.py", WORKER)
     await core.run(_spec("again", script, 2, "0"))
     spare = await ready_spare(core.log_dir, 2)
-    inode = spare.stat().st_ino
+    inode = (spare / "attempt_0").stat().st_ino
     second = await core.run(_spec("again", script, 2, "0", restart_count=1))
     job = core.sup.job("again")
     assert Path(second.logs.attempt_dir) == Path(job.run_dir, "attempt_1")
     assert Path(second.logs.attempt_dir).stat().st_ino == inode
     assert [core.out_lines(second, r) for r in range(2)] == [["out 0"], ["out 1"]]
     assert core.log_entries() == [os.path.basename(job.run_dir)]
+    await wait_until(lambda: not spare.exists(), 10.0, "the rest of the spare removed")
+
+    # a node that joins at a later attempt: a new run directory with that attempt only
+    spare = await ready_spare(core.log_dir, 2)
+    inode = spare.stat().st_ino
+    late = await core.run(_spec("late", script, 2, "0", restart_count=2))
+    run_dir = Path(core.sup.job("late").run_dir)
+    assert run_dir.stat().st_ino == inode
+    assert sorted(os.listdir(run_dir)) == ["attempt_2", "job.json"]
+    assert [core.out_lines(late, r) for r in range(2)] == [["out 0"], ["out 1"]]
 
 
 async def test_an_existing_attempt_directory_keeps_the_spare(core: Core) -> None:
@@ -139,8 +164,8 @@ async def test_an_existing_attempt_directory_keeps_the_spare(core: Core) -> None
         await core.sup.start(_spec("taken", script, 1, "0", restart_count=1))
     assert os.listdir(squatter) == []
     assert spare_dirs(core.log_dir) == [spare]  # still there for the next Start
-    other = await core.run(_spec("other", script, 1, "0"))
-    assert Path(other.logs.attempt_dir).stat().st_ino == inode
+    await core.run(_spec("other", script, 1, "0"))
+    assert Path(core.sup.job("other").run_dir).stat().st_ino == inode
     assert not spare.exists()
 
 
