@@ -636,16 +636,9 @@ class Supervisor:
             )
 
     def _finish(self, attempt: Attempt) -> None:
-        """Every rank has exited: kill what they left behind, then publish the end."""
-        leftovers = procs.attempt_processes([], attempt.marker)
-        if leftovers:
-            logger.info(
-                "job %s: killing %d leftover processes",
-                attempt.spec.job_id,
-                len(leftovers),
-                extra=_ctx(attempt),
-            )
-            procs.send_signal((), leftovers, signal.SIGKILL)
+        """Every rank has exited: publish the end, and kill what the ranks left behind on
+        the loop's next turn (before any other request, after the answers to this end:
+        the walk of the agent's children is ~0.1 ms)."""
         if attempt.state is JobState.RUNNING:
             attempt.state = JobState.SUCCEEDED
             attempt.reason = "every rank exited with code 0"
@@ -658,6 +651,7 @@ class Supervisor:
         for waiter in attempt.end_waiters:
             _resolve(waiter)
         attempt.end_waiters.clear()
+        asyncio.get_running_loop().call_soon(self._kill_leftovers, attempt)  # after them
         self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
         _log_soon(  # after the answers of Kill and Poll
             asyncio.get_running_loop(),
@@ -668,6 +662,17 @@ class Supervisor:
             attempt.state.value,
             extra=_ctx(attempt),
         )
+
+    def _kill_leftovers(self, attempt: Attempt) -> None:
+        leftovers = procs.attempt_processes([], attempt.marker)
+        if leftovers:
+            logger.info(
+                "job %s: killing %d leftover processes",
+                attempt.spec.job_id,
+                len(leftovers),
+                extra=_ctx(attempt),
+            )
+            procs.send_signal((), leftovers, signal.SIGKILL)
 
     async def _terminate(
         self, attempt: Attempt, sig: int, timeout: float, *, escalate: bool = True
