@@ -77,20 +77,27 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
 
 
 def failure_to_pb(failure: Failure) -> pb.Failure:
-    return pb.Failure(
+    # the fields a killed rank leaves empty are not passed: half the cost of the
+    # message, which is built for every rank of a Kill while the others die
+    msg = pb.Failure(
         local_rank=failure.local_rank,
         pid=failure.pid,
         exit_code=failure.exit_code,
         signal_name=failure.signal_name,
         message=failure.message,
         error_file=failure.error_file,
-        error_file_data=failure.error_file_data,
-        traceback=failure.traceback,
         timestamp=failure.timestamp,
-        stderr_tail=failure.stderr_tail,
         terminated_by_agent=failure.terminated_by_agent,
-        error_file_problem=failure.error_file_problem,
     )
+    if failure.error_file_data:
+        msg.error_file_data = failure.error_file_data
+    if failure.traceback:
+        msg.traceback = failure.traceback
+    if failure.stderr_tail:
+        msg.stderr_tail.extend(failure.stderr_tail)
+    if failure.error_file_problem:
+        msg.error_file_problem = failure.error_file_problem
+    return msg
 
 
 def _rank_to_pb(

@@ -596,8 +596,8 @@ class Supervisor:
             if not attempt.ended and attempt.live == 0:
                 self._finish(attempt)
             self._bump(attempt.spec.job_id)
-        if self._orphans_waiting:
-            self._reap_orphans()
+        if self._orphans_waiting:  # after the answers these exits may complete
+            asyncio.get_running_loop().call_soon(self._reap_orphans)
 
     def _rank_exited(self, attempt: Attempt, rank: Rank, code: int, exit_time: float) -> None:
         self._rank_pids.discard(rank.pid)
