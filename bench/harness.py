@@ -56,6 +56,7 @@ _STATS: dict[str, Callable[[list[float]], float]] = {
     "median": lambda v: statistics.median(v) if v else math.nan,
     "p50": lambda v: percentile(v, 50),
     "p99": lambda v: percentile(v, 99),
+    "mean": lambda v: statistics.fmean(v) if v else math.nan,
 }
 
 
