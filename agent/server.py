@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -281,6 +282,11 @@ async def _serve(args: argparse.Namespace) -> int:
         health_address = _join(host, args.health_port)
         health_server, health_port = await create_health_server(health_address)
         print(f"health on {host}:{health_port}", file=sys.stderr, flush=True)
+    # What is alive now lives as long as the agent (modules, the server, restored jobs):
+    # frozen, it is skipped by the collector's full passes, which would otherwise stop
+    # the loop for ~6 ms now and then (measured after start-up: 6.4 ms, frozen ~0).
+    gc.collect()
+    gc.freeze()
     print(f"listening on {host}:{port}", flush=True)
     logger.info("rankd-agent %s serving on %s:%d, logs in %s", __version__, host, port, log_dir)
 
