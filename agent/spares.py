@@ -142,25 +142,32 @@ class SpareDirs:
         self._pending.add_done_callback(self._check)
 
     def _make_tree(self, nprocs: int) -> str:
-        """In the spare thread: a tree of `nprocs` ranks; pauses while held."""
+        """In the spare thread: a tree of `nprocs` ranks. Before each of its 3n + 3
+        creations it waits while the agent holds it (one creation may already run)."""
+        self._go_on()
         spare = make_dir(self._log_dir, PREFIX)
         try:
             attempt = os.path.join(spare, _ATTEMPT)
+            self._go_on()
             os.mkdir(attempt)
-            job_file = os.path.join(spare, JOB_FILE)
-            os.close(os.open(job_file, _FILE_FLAGS, _JOB_FILE_MODE))
+            self._go_on()
+            os.close(os.open(os.path.join(spare, JOB_FILE), _FILE_FLAGS, _JOB_FILE_MODE))
             for rank in range(nprocs):
-                self._quiet.wait()
-                if self._closed:
-                    raise _Stopped
                 rank_dir = os.path.join(attempt, str(rank))
+                self._go_on()
                 os.mkdir(rank_dir)
                 for name in _FILES:
+                    self._go_on()
                     os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
         except BaseException:
             _remove(spare)
             raise
         return spare
+
+    def _go_on(self) -> None:
+        self._quiet.wait()
+        if self._closed:
+            raise _Stopped
 
     def _check(self, done: concurrent.futures.Future[str]) -> None:
         err = done.exception()

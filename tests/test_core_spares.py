@@ -4,6 +4,7 @@ ranks that did not run, removed when the agent stops, swept when an agent starts
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -181,3 +182,24 @@ async def test_close_removes_the_spare_and_a_new_agent_sweeps_stale_ones(tmp_pat
         await ready_spare(log_dir, 2)
     assert spare_dirs(log_dir) == []
     assert len(os.listdir(log_dir)) == 1  # the job's run directory, nothing else
+
+
+async def test_nothing_is_made_while_held_and_close_stops_a_held_maker(tmp_path: Path) -> None:
+    made = spares.SpareDirs(str(tmp_path))
+    try:
+        made.hold()  # as a Start or a Kill does
+        made.prepare(3)
+        await asyncio.sleep(0.1)  # the maker got its turn: it waits without a trace
+        assert spare_dirs(tmp_path) == []
+        assert not made.take_run(3, str(tmp_path / "run"), "attempt_0")
+        made.release()
+        await ready_spare(tmp_path, 3)
+        assert made.take_run(3, str(tmp_path / "run"), "attempt_1")
+        assert sorted(os.listdir(tmp_path / "run")) == ["attempt_1", "job.json"]
+
+        made.prepare(2)
+        await asyncio.sleep(0.02)  # the timer fired: the maker runs or waits
+        made.hold()
+    finally:
+        made.close()  # wakes a held maker, which stops and removes what it made
+    assert spare_dirs(tmp_path) == []
