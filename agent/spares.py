@@ -1,7 +1,7 @@
 """Run directories made ahead of time, so that a Start does not wait for them.
 
 A new job of n ranks needs 2 + n directories, 2n output files and its job.json before
-Start answers: 28 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and
+Start answers: 27 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and
 spawn waits for the output files (opened in the child, between vfork and exec).
 
 After each Start the agent makes the tree for one more attempt of the same size a moment
