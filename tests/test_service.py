@@ -34,7 +34,9 @@ def poll(agent: AgentProcess, job_id: str) -> pb.JobStatus:
 
 
 def wait_state(agent: AgentProcess, job_id: str, timeout: float = 15.0) -> pb.JobStatus:
-    wait_until(lambda: poll(agent, job_id).state != pb.RUNNING, timeout, f"{job_id} to end")
+    """The status once the job has ended: every rank exited (end_time is set). Its state
+    turns FAILED earlier, at the first failure, while the agent still stops the others."""
+    wait_until(lambda: poll(agent, job_id).end_time > 0, timeout, f"{job_id} to end")
     return poll(agent, job_id)
 
 
