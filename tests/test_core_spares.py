@@ -203,3 +203,22 @@ async def test_nothing_is_made_while_held_and_close_stops_a_held_maker(tmp_path:
     finally:
         made.close()  # wakes a held maker, which stops and removes what it made
     assert spare_dirs(tmp_path) == []
+
+
+async def test_a_run_directory_name_that_is_taken_is_drawn_again(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = core.script("worker.py", WORKER)
+    await core.run(_spec("first", script, 1, "0"))
+    inode = (await ready_spare(core.log_dir, 1)).stat().st_ino
+    squatter = core.log_dir / "again_00000000"
+    squatter.mkdir()
+    (squatter / "keep.txt").write_text("mine")
+    names = iter(["00000000", "11111111"])
+    monkeypatch.setattr("agent.supervisor.secrets.token_hex", lambda n: next(names))
+    attempt = await core.run(_spec("again", script, 1, "0"))
+    run_dir = Path(core.sup.job("again").run_dir)
+    assert run_dir.name == "again_11111111"
+    assert run_dir.stat().st_ino == inode  # the spare, under the second name
+    assert sorted(os.listdir(squatter)) == ["keep.txt"]  # untouched
+    assert core.out_lines(attempt, 0) == ["out 0"]
