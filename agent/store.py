@@ -116,7 +116,10 @@ def load_job_files(log_dir: str) -> list[tuple[str, dict[str, Any]]]:
             continue
         try:
             with open(path, "rb") as f:
-                data = json.loads(f.read())
+                raw = f.read()
+            if not raw:  # a spare's placeholder (agent.spares), not written yet
+                raise ValueError("empty: the agent stopped while the job was starting")
+            data = json.loads(raw)
             if data.get("format") != FORMAT or not data.get("attempts"):
                 raise ValueError("unknown format")
             started = float(data["attempts"][0].get("start_time", 0.0))

@@ -222,3 +222,20 @@ async def test_a_run_directory_name_that_is_taken_is_drawn_again(
     assert run_dir.stat().st_ino == inode  # the spare, under the second name
     assert sorted(os.listdir(squatter)) == ["keep.txt"]  # untouched
     assert core.out_lines(attempt, 0) == ["out 0"]
+
+
+async def test_a_run_directory_left_before_its_first_record_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent died between taking a spare and writing the job's first record."""
+    log_dir = tmp_path / "logs"
+    cut = log_dir / "cut_00000000"
+    (cut / "attempt_0" / "0").mkdir(parents=True)
+    (cut / "job.json").write_text("")
+    async with open_core(tmp_path) as core:
+        assert core.sup.jobs() == []
+        assert "the agent stopped while the job was starting" in caplog.text
+        script = core.script("worker.py", WORKER)
+        attempt = await core.run(_spec("cut", script, 1, "0"))  # the id is free
+        assert core.out_lines(attempt, 0) == ["out 0"]
+    assert cut.exists()  # kept on disk, as every run directory
