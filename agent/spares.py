@@ -48,8 +48,9 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 class SpareDirs:
     """At most one spare run directory under `log_dir`, made in a thread of its own
-    that pauses between two ranks while the agent holds it (during a Start or a Kill),
-    so that it never competes with them for the CPU. Used from the event loop only."""
+    that pauses before each creation while the agent holds it (during a Start or a
+    Kill), so that it never competes with them for the CPU. Used from the event loop
+    only."""
 
     def __init__(self, log_dir: str) -> None:
         self._log_dir = log_dir
@@ -60,12 +61,12 @@ class SpareDirs:
         self._holds = 0
         self._quiet = threading.Event()  # set while nobody holds: the maker may go on
         self._quiet.set()
-        self._closed = False  # the maker stops at its next rank
+        self._closed = False  # the maker stops before its next creation
         self._failed = False  # making one failed once (read-only dir, quota): stop trying
-        self.taken = 0  # Starts that took a spare, for tests and metrics
 
     def hold(self) -> None:
-        """Pause the making of a spare (at its next rank) until as many `release`s."""
+        """Pause the making of a spare (before its next creation) until as many
+        `release`s."""
         self._holds += 1
         self._quiet.clear()
 
@@ -115,7 +116,6 @@ class SpareDirs:
             self._pending = None
             return False
         self._pending = None
-        self.taken += 1
         return True
 
     def prepare(self, nprocs: int) -> None:

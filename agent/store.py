@@ -75,28 +75,19 @@ def write_job_file(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -
     agent.spares): there is no earlier record that a torn write could spoil."""
     # compact: the C encoder (indent= falls back to the pure-Python one, 10x slower)
     payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
-    if fresh:
-        try:
-            fd = os.open(
-                os.path.join(run_dir, JOB_FILE),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                0o600,
-            )
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-        except OSError:
-            logger.exception("could not record job state in %s", run_dir)
-        return
-    # one temporary name per writing thread (the loop's, the io thread's)
-    tmp = os.path.join(run_dir, f".job-{threading.get_native_id()}.json")
+    target = os.path.join(run_dir, JOB_FILE)
+    # else one temporary name per writing thread (the loop's, the io thread's)
+    path = target if fresh else os.path.join(run_dir, f".job-{threading.get_native_id()}.json")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)  # no fsync: the record must survive the agent, not the kernel
-            os.replace(tmp, os.path.join(run_dir, JOB_FILE))
+            if not fresh:
+                os.replace(path, target)
         except BaseException:
-            os.unlink(tmp)
+            if not fresh:
+                os.unlink(path)
             raise
     except OSError:
         logger.exception("could not record job state in %s", run_dir)

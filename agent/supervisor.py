@@ -747,12 +747,9 @@ class Supervisor:
             attempt.state = JobState.KILLED
             attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
             self._bump(job_id)
-        self._spares.hold()  # the ranks' exits get both CPUs
-        try:
+        async with self._holding_spares():  # the ranks' exits get both CPUs
             await self._terminate(attempt, sig, timeout)
             await _until_ended(attempt, SIGKILL_WAIT)
-        finally:
-            asyncio.get_running_loop().call_soon(self._spares.release)  # after the answer
         return attempt
 
     # -- mirrors: tee to the console, duplicate filters to files ---------------------------
