@@ -3,13 +3,15 @@
 A scenario has one or more *sides* (``rankd``, ``torch``, ...), each a callable that
 does the work once and returns its samples (metric name -> values). The runner calls
 every side once as a warm-up, then ``repeat`` times in alternating order, pools the
-samples, and turns them into rows: a rankd figure, a reference figure, their ratio,
-and a verdict against the row's target.
+samples, and turns them into rows: a rankd figure, a reference figure, their ratio
+with the interval this run's noise allows it (bootstrap), and a verdict against the
+row's target.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import sys
 import time
@@ -24,6 +26,7 @@ __all__ = [
     "Samples",
     "Scenario",
     "Target",
+    "bootstrap_interval",
     "percentile",
     "progress",
     "run_scenario",
@@ -58,6 +61,41 @@ _STATS: dict[str, Callable[[list[float]], float]] = {
     "p99": lambda v: percentile(v, 99),
     "mean": lambda v: statistics.fmean(v) if v else math.nan,
 }
+
+
+INTERVAL = 90  # percent: the ratio's bootstrap interval shown beside it
+_RESAMPLES = 2000
+
+
+def bootstrap_interval(
+    mine: list[float],
+    stat: Callable[[list[float]], float],
+    ref: list[float] | None = None,
+    *,
+    level: float = INTERVAL,
+    resamples: int = _RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """How far stat(mine) (with `ref`: stat(mine) / stat(ref)) moves with this run's
+    noise: the central `level` % of that figure over `resamples` bootstrap resamples
+    (every side drawn with replacement; seeded: the same samples give the same
+    interval). None with fewer than 3 samples on a side."""
+    if len(mine) < 3 or (ref is not None and len(ref) < 3):
+        return None
+    rng = random.Random(seed)
+    figures = []
+    for _ in range(resamples):
+        value = stat(rng.choices(mine, k=len(mine)))
+        if ref is None:
+            figures.append(value)
+            continue
+        den = stat(rng.choices(ref, k=len(ref)))
+        if den > 0:
+            figures.append(value / den)
+    if len(figures) < resamples // 2:  # a reference mostly zero: no ratio to speak of
+        return None
+    tail = (100 - level) / 2
+    return percentile(figures, tail), percentile(figures, 100 - tail)
 
 
 @dataclass(frozen=True)
@@ -133,6 +171,12 @@ class Row:
     note: str = ""
     samples: int = 0
     error: str = ""
+    # INTERVAL % bootstrap intervals (None: too few samples): of the ratio, and of
+    # rankd's own figure where the target is on that figure
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    value_low: float | None = None
+    value_high: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _clean(v) for k, v in self.__dict__.items()}
@@ -157,7 +201,7 @@ def _evaluate(spec: RowSpec, samples: dict[str, Samples], judge: bool) -> Row:
             note = f"via {metric}" + (f" (other: {others})" if others else "")
         count = len(mine[metric])
     else:
-        value, count = math.nan, 0
+        value, count, metric = math.nan, 0, ""
     extra = [
         f"{m} {format_value(statistics.median(mine[m]), spec.note_unit or spec.unit)}"
         for m in spec.note_metrics
@@ -165,10 +209,14 @@ def _evaluate(spec: RowSpec, samples: dict[str, Samples], judge: bool) -> Row:
     ]
     if extra:
         note = "; ".join([*([note] if note else []), *extra])
-    reference = None
+    reference, interval, own = None, None, None
     if spec.ref_side is not None:
         ref = samples.get(spec.ref_side, {}).get(spec.ref_metric or spec.metrics[0], [])
         reference = stat(ref) if ref else math.nan
+        if metric:
+            interval = bootstrap_interval(mine[metric], stat, ref)
+    if metric and spec.target is not None and not spec.target.kind.startswith("ratio"):
+        own = bootstrap_interval(mine[metric], stat)
     ratio = value / reference if reference and not math.isnan(reference) else None
     target = spec.target.describe(spec.unit, spec.ref_label) if spec.target else "—"
     passed = spec.target.passes(value, ratio) if spec.target and judge else None
@@ -184,6 +232,10 @@ def _evaluate(spec: RowSpec, samples: dict[str, Samples], judge: bool) -> Row:
         passed=passed,
         note=note,
         samples=count,
+        ratio_low=interval[0] if interval and ratio is not None else None,
+        ratio_high=interval[1] if interval and ratio is not None else None,
+        value_low=own[0] if own else None,
+        value_high=own[1] if own else None,
     )
 
 

@@ -1,8 +1,9 @@
 """``python -m bench.run``: every scenario, rankd beside torch, one table.
 
 Each scenario is run once as a warm-up, then ``--repeat`` times, alternating the sides;
-the table shows medians (percentiles where named), the ratio rankd / reference, the
-target of issue 7 and the verdict. The same goes as JSON to
+the table shows medians (percentiles where named), the ratio rankd / reference with its
+90 % bootstrap interval (how far this run's noise could move it), the target of issue 7
+and the verdict (on the ratio itself). The same goes as JSON to
 ``<out>/<timestamp>.json`` and ``<out>/latest.json``. Progress goes to stderr.
 
 Exit status: 0, or 1 when a scenario could not run (or, with ``--strict``, when a
@@ -28,7 +29,7 @@ import psutil
 
 from bench import fleet, lifecycle, logs
 from bench.config import Config
-from bench.harness import Row, Scenario, format_value, progress, run_scenario
+from bench.harness import INTERVAL, Row, Scenario, format_value, progress, run_scenario
 
 __all__ = ["all_scenarios", "main"]
 
@@ -104,23 +105,49 @@ def _verdict(row: Row) -> str:
     return "pass" if row.passed else "FAIL"
 
 
+def _span(low: float, high: float, unit: str) -> str:
+    if unit == "lines/s":
+        return f"{low / 1e6:.2f} to {high / 1e6:.2f} M/s"
+    return f"{format_value(low, unit).split()[0]} to {format_value(high, unit)}"
+
+
 def render(rows: Sequence[Row]) -> str:
-    header = ("scenario", "rankd", "torch / ref", "ratio", "target", "result")
+    header = (
+        "scenario",
+        "rankd",
+        "torch / ref",
+        f"ratio ({INTERVAL}% interval)",
+        "target",
+        "result",
+    )
     body = []
     for row in rows:
         ref = format_value(row.reference, row.unit) if row.ref_label else ""
         if row.ref_label and row.ref_label != "torch":
             ref = f"{ref} ({row.ref_label})"
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
-        body.append(
-            (row.title, format_value(row.rankd, row.unit), ref, ratio, row.target, _verdict(row))
-        )
+        if row.ratio_low is not None and row.ratio_high is not None:
+            ratio += f" ({row.ratio_low:.2f} to {row.ratio_high:.2f})"
+        mine = format_value(row.rankd, row.unit)
+        if row.value_low is not None and row.value_high is not None:
+            low, high = (
+                format_value(row.value_low, row.unit),
+                format_value(row.value_high, row.unit),
+            )
+            mine += f" ({low.split()[0]} to {high})"
+        body.append((row.title, mine, ref, ratio, row.target, _verdict(row)))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for cells in body:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     notes = [f"- {row.title.strip()}: {row.note}" for row in rows if row.note]
+    if any(row.ratio_low is not None or row.value_low is not None for row in rows):
+        notes.append(
+            f"- (a to b): the central {INTERVAL} % of a figure (the ratio, or rankd's own "
+            "where the target is on it) over bootstrap resamples of the samples; a target "
+            "inside it is within this run's noise (the verdict is on the figure itself)"
+        )
     if notes:
         lines += ["", "notes:", *notes]
     return "\n".join(lines)
