@@ -27,7 +27,16 @@ import grpc
 from protos.rankd.v1 import agent_pb2 as pb
 from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
 
-__all__ = ["REPO", "Agent", "job_id", "launch_agents", "make_spec", "stop_all", "wait_exec"]
+__all__ = [
+    "REPO",
+    "Agent",
+    "job_id",
+    "launch_agents",
+    "make_spec",
+    "stop_all",
+    "wait_exec",
+    "wait_files",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 _START_TIMEOUT = 60.0
@@ -212,3 +221,12 @@ def wait_exec(pids: Iterable[int], comm: str, timeout: float = 30.0) -> None:
             raise TimeoutError(f"pids {sorted(pending)} did not exec {comm} in {timeout}s")
         if pending:
             time.sleep(0.002)
+
+
+def wait_files(directory: Path, count: int, timeout: float = 60.0) -> None:
+    """Wait until `directory` holds `count` entries (ranks that said they are ready)."""
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(directory)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{directory}: {count} ranks not ready in {timeout}s")
+        time.sleep(0.002)

@@ -13,7 +13,7 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 from agent.convert import cache_ended_rank, spec_from_pb
 from agent.supervisor import Supervisor
-from bench.agents import Agent, job_id, launch_agents, make_spec, wait_exec
+from bench.agents import Agent, job_id, launch_agents, make_spec, wait_exec, wait_files
 from bench.config import TRUE, Config, ms
-from bench.harness import RowSpec, Samples, Scenario, Target
+from bench.harness import SETTLE, RowSpec, Samples, Scenario, Target
 from bench.torch_side import TorchLauncher
-from bench.workers import EXIT_AT, PYTHON, SLEEP, python_args
+from bench.workers import EXIT_AT, PYTHON, SLEEP, SLEEP_READY, python_args
 from protos.rankd.v1 import agent_pb2 as pb
 
 __all__ = ["scenarios"]
@@ -271,58 +271,113 @@ def _full_run(cfg: Config, *, tee: bool) -> Scenario:
     return _scenario(cfg, sid, {"rankd": rankd, "torch": torch}, [row, first])
 
 
+class _Sleepers:
+    """The ranks a kill scenario kills, the same argv on every side. ``python``: Python
+    ranks asleep after start-up (each says so with a file in a directory of its own),
+    the workload of issue 7's reference (torch's close() ≈ 12-14 ms there); ``bin``:
+    /bin/sleep, whose exits cost the kernel a quarter of that, so that a fixed round
+    trip weighs four times more."""
+
+    def __init__(self, kind: str, scratch: Path, nprocs: int) -> None:
+        self.kind, self.nprocs = kind, nprocs
+        if kind == "python":
+            self.ready = scratch / job_id("ready")
+            self.ready.mkdir(parents=True)
+            self.entrypoint, self.args = PYTHON, python_args(SLEEP_READY, self.ready, 600)
+        else:
+            self.entrypoint, self.args = "/bin/sleep", ["600"]
+
+    def wait(self, pids: Iterable[int]) -> None:
+        """Until every rank sleeps: both sides are killed from the same state."""
+        if self.kind == "python":
+            wait_files(self.ready, self.nprocs)
+        else:
+            wait_exec(pids, "sleep")
+
+
+_KILLED = {"bin": "kill bin", "python": "kill"}  # sleeper kind -> metric
+
+
+def _sleepers(scratch: Path, nprocs: int) -> Iterator[tuple[_Sleepers, str]]:
+    """Each kind of sleepers in turn, after a settle: what the previous kill left for
+    the agent to do (its job.json write, 10 ms after the end) is not measured."""
+    for kind, metric in _KILLED.items():
+        time.sleep(SETTLE)
+        yield _Sleepers(kind, scratch, nprocs), metric
+
+
 def _kill(cfg: Config) -> Scenario:
     inner, nprocs = cfg.pick(3, 1), 32
-    sleep = "/bin/sleep"
 
     def rankd(p: _Pair) -> Samples:
-        out, trips = [], []
+        out: Samples = {"round trip": []}
         for _ in range(inner):
-            spec = make_spec(job_id("kill"), nprocs, sleep, ["600"])
-            job = p.agent.start(spec)
-            wait_exec([r.pid for r in job.ranks], "sleep")
-            t0 = perf_counter()
-            job = p.agent.kill(spec.job_id)
-            out.append(ms(perf_counter() - t0))
-            if job.state != pb.KILLED:
-                raise RuntimeError(f"killed job is {pb.JobState.Name(job.state)}")
-            trips.append(_round_trip_after_pause(p.agent))
-        return {"kill": out, "round trip": trips}
+            for ranks, metric in _sleepers(p.scratch, nprocs):
+                spec = make_spec(job_id("kill"), nprocs, ranks.entrypoint, ranks.args)
+                job = p.agent.start(spec)
+                ranks.wait(r.pid for r in job.ranks)
+                t0 = perf_counter()
+                job = p.agent.kill(spec.job_id)
+                out.setdefault(metric, []).append(ms(perf_counter() - t0))
+                if job.state != pb.KILLED:
+                    raise RuntimeError(f"killed job is {pb.JobState.Name(job.state)}")
+            out["round trip"].append(_round_trip_after_pause(p.agent))
+        return out
 
     def core(p: _Pair) -> Samples:
-        c, out = p.in_process(), []
+        c, out = p.in_process(), {}
         for _ in range(inner):
-            spec = spec_from_pb(make_spec(job_id("ckill"), nprocs, sleep, ["600"]))
-            job, _ = c.run(c.sup.start(spec))
-            wait_exec([r.pid for r in job.current.ranks], "sleep")
-            t0 = perf_counter()
-            attempt = c.run(c.sup.kill(spec.job_id))
-            out.append(ms(perf_counter() - t0))
-            if any(r.alive for r in attempt.ranks):
-                raise RuntimeError("the core's kill returned with ranks alive")
-        return {"kill": out}
+            for ranks, metric in _sleepers(p.scratch, nprocs):
+                spec = spec_from_pb(
+                    make_spec(job_id("ckill"), nprocs, ranks.entrypoint, ranks.args)
+                )
+                job, _ = c.run(c.sup.start(spec))
+                ranks.wait(r.pid for r in job.current.ranks)
+                t0 = perf_counter()
+                attempt = c.run(c.sup.kill(spec.job_id))
+                out.setdefault(metric, []).append(ms(perf_counter() - t0))
+                if any(r.alive for r in attempt.ranks):
+                    raise RuntimeError("the core's kill returned with ranks alive")
+        return out
 
     def torch(p: _Pair) -> Samples:
-        out = []
+        out: Samples = {}
         for _ in range(inner):
-            pc = p.torch.start(nprocs, sleep, ["600"])
-            wait_exec(pc.pids().values(), "sleep")
-            t0 = perf_counter()
-            pc.close()
-            out.append(ms(perf_counter() - t0))
-            if any(h.proc.returncode is None for h in pc.subprocess_handlers.values()):
-                raise RuntimeError("torch close() returned with ranks unreaped")
-        return {"kill": out}
+            for ranks, metric in _sleepers(p.scratch, nprocs):
+                pc = p.torch.start(nprocs, ranks.entrypoint, ranks.args)
+                ranks.wait(pc.pids().values())
+                t0 = perf_counter()
+                pc.close()
+                out.setdefault(metric, []).append(ms(perf_counter() - t0))
+                if any(h.proc.returncode is None for h in pc.subprocess_handlers.values()):
+                    raise RuntimeError("torch close() returned with ranks unreaped")
+        return out
 
     row = RowSpec(
         id="kill",
-        title=f"kill {nprocs} sleeping ranks (SIGTERM) → all reaped",
+        title=f"kill {nprocs} sleeping Python ranks (SIGTERM) → all reaped",
         unit="ms",
         metrics=("kill",),
         target=Target("ratio_max", 1.2),
         note="rankd: Kill RPC returns; torch: close()",
     )
-    rows = [row, *_info_rows("kill", "kill", "kill")]
+    rows = [
+        row,
+        *_info_rows("kill", "kill", "kill"),
+        RowSpec(
+            id="kill_bin",
+            title=f"  same, {nprocs} /bin/sleep ranks (info)",
+            unit="ms",
+            metrics=("kill bin",),
+        ),
+        RowSpec(
+            id="kill_bin_core",
+            title="  same, /bin/sleep, the agent's core in this process, no RPC (info)",
+            unit="ms",
+            metrics=("kill bin",),
+            side="core",
+        ),
+    ]
     return _scenario(cfg, "kill", {"rankd": rankd, "torch": torch, "core": core}, rows)
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "LINE_BYTES",
     "PYTHON",
     "SLEEP",
+    "SLEEP_READY",
     "TIMESTAMPS",
     "flood_line",
     "python_args",
@@ -23,6 +24,14 @@ PYTHON = sys.executable
 
 # Sleep for argv[1] seconds.
 SLEEP = "import sys, time\ntime.sleep(float(sys.argv[1]))\n"
+
+# Create the file argv[1]/<pid> (the rank is ready: its interpreter is up), then sleep
+# for argv[2] seconds.
+SLEEP_READY = """\
+import os, sys, time
+open(os.path.join(sys.argv[1], str(os.getpid())), "w").close()
+time.sleep(float(sys.argv[2]))
+"""
 
 # Print argv[1] lines, each the wall-clock time it was written, argv[2] seconds apart.
 TIMESTAMPS = """\

@@ -17,6 +17,7 @@ ROWS = {
     "full_run",
     "full_run_tee",
     "kill",
+    "kill_bin",
     "exit_to_poll",
     "exit_floor",
     "line_latency_p50",
