@@ -275,8 +275,8 @@ class _Sleepers:
     """The ranks a kill scenario kills, the same argv on every side. ``python``: Python
     ranks asleep after start-up (each says so with a file in a directory of its own),
     the workload of issue 7's reference (torch's close() ≈ 12-14 ms there); ``bin``:
-    /bin/sleep, whose exits cost the kernel a quarter of that, so that a fixed round
-    trip weighs four times more."""
+    /bin/sleep, whose exits cost the kernel a third of that, so that a fixed round
+    trip weighs three times more."""
 
     def __init__(self, kind: str, scratch: Path, nprocs: int) -> None:
         self.kind, self.nprocs = kind, nprocs
