@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
         description="rankd benchmarks side by side with torch.distributed.elastic "
-        "(medians, ratios, targets of issue 7).",
+        "(medians, ratios with their 90 % bootstrap intervals, targets of issue 7).",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, one repetition, no verdicts"
