@@ -165,9 +165,11 @@ def send_signal(pgids: Iterable[int], pids: Iterable[int], sig: int) -> None:
 
 def agent_children() -> set[int]:
     """Direct children of this process that matter to the agent: those of the calling
-    thread (the loop's, which starts every rank) and of the main thread (the kernel
-    hands orphans to a subreaper's first live thread, the main one). Two reads, not one
-    per thread of the process."""
+    thread (the loop's, which starts the ranks of small attempts) and of the main thread
+    (the kernel hands orphans to a subreaper's first live thread, the main one). Two
+    reads, not one per thread of the process. Ranks started by the spawn threads are
+    not here; they are known by pid, and the orphans they leave come to the main
+    thread."""
     pid = os.getpid()
     found = set(task_children(pid, pid))
     tid = threading.get_native_id()

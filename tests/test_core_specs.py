@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 from core_helpers import PYTHON, Core, open_core
 
@@ -234,3 +235,23 @@ def test_spec_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="nprocs"):
         JobSpec(job_id="j", nprocs=0, entrypoint=PYTHON).validate()
     assert os.path.isabs(JobSpec(job_id="j", nprocs=1, entrypoint=PYTHON).validate().entrypoint)
+
+
+async def test_a_rank_that_cannot_start_among_spawn_threads_leaves_nothing(core: Core) -> None:
+    # 12 ranks: started side by side by spawn threads. Rank 7's environment holds a
+    # string over the kernel's 128 KiB per string: its exec fails (E2BIG), the others
+    # start, and must all be killed and reaped, their directory gone.
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    spec = JobSpec(
+        job_id="partial",
+        nprocs=12,
+        entrypoint="/bin/sleep",
+        args=("30",),
+        rank_env={7: {"BIG": "x" * 200_000}},
+    )
+    with pytest.raises(SpecError, match=r"cannot start /bin/sleep: Argument list too long"):
+        await core.sup.start(spec)
+    assert {p.pid for p in me.children()} == before  # none alive, none a zombie
+    assert core.log_entries() == []
+    assert core.sup.jobs() == []

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -316,3 +317,23 @@ async def test_a_shell_script_entrypoint_with_rank_args(core: Core) -> None:
         ["rank 1: a b c d"],
     ]
     assert [core.err_lines(attempt, r) for r in range(2)] == [["to err"], ["to err"]]
+
+
+async def test_a_large_attempt_is_started_by_spawn_threads_each_rank_as_itself(
+    core: Core,
+) -> None:
+    """More than 8 ranks are started side by side by spawn threads: every rank still
+    gets its own local rank, its own files, and its slot in the attempt."""
+    script = core.script(
+        "me.py", "import os\nprint(os.environ['LOCAL_RANK'], os.getpid(), os.getppid())\n"
+    )
+    attempt = await core.run(core.spec("wide", script, nprocs=20))
+    assert any(t.name.startswith("rankd-spawn") for t in threading.enumerate())
+    assert attempt.state is JobState.SUCCEEDED
+    assert [r.local_rank for r in attempt.ranks] == list(range(20))
+    assert len({r.pid for r in attempt.ranks}) == 20
+    for rank in attempt.ranks:
+        assert core.out_lines(attempt, rank.local_rank) == [
+            f"{rank.local_rank} {rank.pid} {os.getpid()}"
+        ]
+        assert rank.state is RankState.SUCCEEDED
