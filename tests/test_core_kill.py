@@ -204,7 +204,7 @@ async def test_concurrent_kills_agree(core: Core) -> None:
 # -- the agent's mode: a child subreaper (run in a child process, never in pytest) ------
 
 SUBREAPER_DRIVER = """
-import asyncio, json, os, signal, sys, time
+import asyncio, json, logging, os, signal, sys, time
 import psutil
 from agent.specs import JobSpec
 from agent.supervisor import Supervisor
@@ -245,6 +245,21 @@ async def main():
             started = time.monotonic()
             attempt = await sup.kill("sub", signal.SIGTERM, 20.0)
             result["kill_seconds"] = time.monotonic() - started
+        elif MODE == "restart":
+            # the next attempt starts the moment the first ends: the first's leftovers
+            # are killed before its ranks are started, not a moment later
+            said = []
+            class Said(logging.Handler):
+                def emit(self, record):
+                    said.append(record.getMessage())
+            logging.getLogger("agent").addHandler(Said())
+            logging.getLogger("agent").setLevel(logging.INFO)
+            attempt = job.current
+            os.kill(rank.pid, signal.SIGUSR1)
+            await asyncio.wait_for(attempt.done.wait(), 10)
+            await sup.start(JobSpec(job_id="sub", nprocs=1, entrypoint=sys.executable,
+                                    args=("-c", "pass"), restart_count=1))
+            result["killed_before_restart"] = any("1 leftover" in m for m in said)
         else:
             os.kill(rank.pid, signal.SIGUSR1)  # the worker exits 0 on it
             attempt = await asyncio.wait_for(sup.wait("sub"), 10)
@@ -273,11 +288,12 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("mode", ["kill", "exit"])
+@pytest.mark.parametrize("mode", ["kill", "exit", "restart"])
 async def test_subreaper_mode_kills_orphaned_grandchildren(tmp_path: Path, mode: str) -> None:
     """As the agent runs (subreaper=True): a grandchild that left the session, ignores
     SIGTERM and is orphaned when its rank dies (by Kill, or on its own with code 0)
-    does not survive the job, and is reaped."""
+    does not survive the job, and is reaped; before the next attempt's ranks start when
+    that attempt starts at once."""
     driver = tmp_path / "driver.py"
     driver.write_text(SUBREAPER_DRIVER)
     worker = tmp_path / "worker.py"
@@ -313,6 +329,8 @@ async def test_subreaper_mode_kills_orphaned_grandchildren(tmp_path: Path, mode:
         else:
             assert result["state"] == "SUCCEEDED"
             assert result["exit_code"] == 0
+        if mode == "restart":
+            assert result["killed_before_restart"]
     finally:
         if psutil.pid_exists(grandchild):
             os.kill(grandchild, signal.SIGKILL)
