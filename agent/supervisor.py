@@ -494,6 +494,9 @@ class Supervisor:
         except OSError as err:
             self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
             raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
+        except BaseException:  # a bug: no rank it started is left behind
+            self._undo_launch(attempt, run_dir if new_run_dir else attempt_dir)
+            raise
         # The exit watches and the log line on the loop's next turn, after Start's
         # answer: a rank's exit waits for its watch as a zombie (nobody else reaps it).
         loop = asyncio.get_running_loop()
@@ -593,8 +596,8 @@ class Supervisor:
             for lane in range(lanes)
         ]
         started: dict[int, Rank] = {}
-        error: OSError | None = None
-        for chunk in chunks:
+        error: Exception | None = None
+        for chunk in chunks:  # every lane's outcome, so that all it started is undone
             ranks, failed = chunk.result()
             started.update(ranks)
             error = error or failed
@@ -606,13 +609,13 @@ class Supervisor:
 
     def _spawn_lane(
         self, attempt: Attempt, local_ranks: range
-    ) -> tuple[dict[int, Rank], OSError | None]:
+    ) -> tuple[dict[int, Rank], Exception | None]:
         """In a spawn thread: start `local_ranks` one by one, up to the first error."""
         started: dict[int, Rank] = {}
         for local_rank in local_ranks:
             try:
                 started[local_rank] = self._spawn_rank(attempt, local_rank)
-            except OSError as err:
+            except Exception as err:  # an OSError, or a bug: the caller undoes the launch
                 return started, err
         return started, None
 

@@ -255,3 +255,27 @@ async def test_a_rank_that_cannot_start_among_spawn_threads_leaves_nothing(core:
     assert {p.pid for p in me.children()} == before  # none alive, none a zombie
     assert core.log_entries() == []
     assert core.sup.jobs() == []
+
+
+async def test_a_bug_while_spawning_still_leaves_nothing(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not an OSError (a bug in the agent, simulated in its own code, not the OS's): the
+    # exception reaches the caller as it is, and every rank the other lanes started is
+    # killed and reaped all the same.
+    real = Supervisor._rank_env
+
+    def broken(self: Supervisor, attempt: object, local_rank: int, error_file: str) -> object:
+        if local_rank == 7:
+            raise RuntimeError("bug in rank 7's environment")
+        return real(self, attempt, local_rank, error_file)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Supervisor, "_rank_env", broken)
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    spec = JobSpec(job_id="bug", nprocs=12, entrypoint="/bin/sleep", args=("30",))
+    with pytest.raises(RuntimeError, match="bug in rank 7"):
+        await core.sup.start(spec)
+    assert {p.pid for p in me.children()} == before
+    assert core.log_entries() == []
+    assert core.sup.jobs() == []
