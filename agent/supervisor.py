@@ -153,6 +153,30 @@ class Job:
         raise JobNotFound(f"job {self.job_id!r} has no attempt {restart_count} (has: {have})")
 
 
+class _Deferred:
+    """Callbacks put off by `delay` seconds, at most one per key: putting another under
+    a key runs the waiting one first, and `flush` runs one key's, or all, at once."""
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._waiting: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+
+    def put(self, key: str, callback: Callable[[], None]) -> None:
+        self.flush(key)
+        handle = asyncio.get_running_loop().call_later(self._delay, self._run, key)
+        self._waiting[key] = (handle, callback)
+
+    def flush(self, key: str | None = None) -> None:
+        for each in [key] if key is not None else list(self._waiting):
+            self._run(each)
+
+    def _run(self, key: str) -> None:
+        handle, callback = self._waiting.pop(key, (None, None))
+        if handle is not None and callback is not None:
+            handle.cancel()
+            callback()
+
+
 class Supervisor:
     """Holds every job of the node. Call from one asyncio loop.
 
@@ -206,10 +230,10 @@ class Supervisor:
         self._rank_pids: set[int] = set()
         self._orphans_waiting = False  # see _reap_orphans
         self._start_lock = asyncio.Lock()
-        # the end chores put off for a moment, see _after_end: job id -> (timer, chores)
-        self._delayed: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
-        # job id -> its ended attempt whose log line and leftover kill wait (_end_chores)
-        self._ending: dict[str, tuple[asyncio.TimerHandle, Attempt]] = {}
+        # the chores of an attempt's end put off for a moment, by job id: its job.json
+        # record (see _after_end), and its log line and leftover kill (see _end_chores)
+        self._records = _Deferred(_RECORD_DELAY)
+        self._ending = _Deferred(_END_DELAY)
         # Called with (attempt, rank) right after a rank exited (the service caches the
         # rank's final wire form there, while the other ranks are still dying).
         self.exit_hooks: list[Callable[[Attempt, Rank], None]] = []
@@ -253,7 +277,7 @@ class Supervisor:
             ),
             return_exceptions=True,
         )
-        self._flush_end_chores()
+        self._ending.flush()
         for job in self._jobs.values():
             for task in job.current.mirrors:
                 task.cancel()
@@ -265,7 +289,7 @@ class Supervisor:
             self._exits = None
         if self._loop is not None and self._subreaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
-        self._flush_records()
+        self._records.flush()  # the loop may not run much longer
         self._io.shutdown(wait=True)  # the last job.json writes land before we return
         if self._spawners is not None:
             self._spawners.shutdown(wait=True)
@@ -297,9 +321,6 @@ class Supervisor:
         key = job.job_id if job is not None else attempt.marker
 
         def chores() -> None:
-            handle, _ = self._delayed.pop(key, (None, None))
-            if handle is not None:
-                handle.cancel()
             if self._watcher is not None:
                 self._watcher.unwatch(attempt.logs)
             if job is None:
@@ -307,17 +328,7 @@ class Supervisor:
                 return
             self._record(job).add_done_callback(lambda _: recorded.set_result(None))
 
-        self._flush_records(key)  # an earlier attempt's, if still delayed
-        handle = asyncio.get_running_loop().call_later(_RECORD_DELAY, chores)
-        self._delayed[key] = (handle, chores)
-
-    def _flush_records(self, job_id: str | None = None) -> None:
-        """Write delayed job.json records now: one job's, or all (the loop may not run
-        much longer)."""
-        for key in [job_id] if job_id is not None else list(self._delayed):
-            _, write = self._delayed.get(key, (None, None))
-            if write is not None:
-                write()
+        self._records.put(key, chores)  # an earlier attempt's run first, if waiting
 
     def _restore(self) -> None:
         """Load the jobs recorded under the log dir by an earlier agent. An attempt that
@@ -394,7 +405,7 @@ class Supervisor:
                 f"(allowed: {', '.join(sorted(self._allowed))}; see --allow-entrypoint)"
             )
         async with self._start_lock, self._holding_spares():
-            self._flush_end_chores(spec.job_id)  # a restart never meets the last leftovers
+            self._ending.flush(spec.job_id)  # a restart never meets the last leftovers
             job = self._jobs.get(spec.job_id)
             if job is not None:
                 current = job.current
@@ -710,20 +721,13 @@ class Supervisor:
             _resolve(waiter)
         attempt.end_waiters.clear()
         self._after_end(self._jobs.get(attempt.spec.job_id), attempt)
-        self._flush_end_chores(attempt.spec.job_id)  # an earlier attempt's, if waiting
-        handle = asyncio.get_running_loop().call_later(_END_DELAY, self._end_chores, attempt)
-        self._ending[attempt.spec.job_id] = (handle, attempt)
+        self._ending.put(attempt.spec.job_id, functools.partial(self._end_chores, attempt))
 
     def _end_chores(self, attempt: Attempt) -> None:
         """An attempt's end, logged, and what its ranks left behind, killed: _END_DELAY
         after the end, so that neither delays the answers that follow it (the Poll that
         sees the end; measured: rank exit → Poll 0.15-0.2 ms sooner). Run at once when a
-        Start of the same job or close() comes first."""
-        entry = self._ending.get(attempt.spec.job_id)
-        if entry is None or entry[1] is not attempt:  # done already
-            return
-        del self._ending[attempt.spec.job_id]
-        entry[0].cancel()
+        Start of the same job, its next end, or close() comes first."""
         logger.info(
             "job %s attempt %d ended: %s",
             attempt.spec.job_id,
@@ -732,13 +736,6 @@ class Supervisor:
             extra=_ctx(attempt),
         )
         self._kill_leftovers(attempt)
-
-    def _flush_end_chores(self, job_id: str | None = None) -> None:
-        """Do the waiting end chores now: one job's, or all."""
-        for key in [job_id] if job_id is not None else list(self._ending):
-            entry = self._ending.get(key)
-            if entry is not None:
-                self._end_chores(entry[1])
 
     def _kill_leftovers(self, attempt: Attempt) -> None:
         leftovers = procs.attempt_processes([], attempt.marker)
