@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -208,8 +208,8 @@ def wait_exec(pids: Iterable[int], comm: str, timeout: float = 30.0) -> None:
     """Wait until every pid runs the program `comm` (exec done), so that two sides are
     measured from the same steady state."""
     pending = set(pids)
-    deadline = time.monotonic() + timeout
-    while pending:
+
+    def done() -> bool:
         for pid in list(pending):
             try:
                 with open(f"/proc/{pid}/comm") as f:
@@ -217,16 +217,24 @@ def wait_exec(pids: Iterable[int], comm: str, timeout: float = 30.0) -> None:
                         pending.discard(pid)
             except OSError:
                 pending.discard(pid)  # already gone: nothing to wait for
-        if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"pids {sorted(pending)} did not exec {comm} in {timeout}s")
-        if pending:
-            time.sleep(0.002)
+        return not pending
+
+    _poll_until(done, timeout, lambda: f"pids {sorted(pending)} did not exec {comm} in {timeout}s")
 
 
 def wait_files(directory: Path, count: int, timeout: float = 60.0) -> None:
     """Wait until `directory` holds `count` entries (ranks that said they are ready)."""
+    _poll_until(
+        lambda: len(os.listdir(directory)) >= count,
+        timeout,
+        lambda: f"{directory}: {count} ranks not ready in {timeout}s",
+    )
+
+
+def _poll_until(done: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
+    """Check `done` every 2 ms; TimeoutError(why()) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while len(os.listdir(directory)) < count:
+    while not done():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{directory}: {count} ranks not ready in {timeout}s")
+            raise TimeoutError(why())
         time.sleep(0.002)
