@@ -1,3 +1,5 @@
 """rankd node agent: supervises the local ranks of distributed jobs and serves them over gRPC."""
 
-__version__ = "0.1.0"
+from rankd import __version__
+
+__all__ = ["__version__"]

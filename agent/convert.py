@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from agent.failures import Failure
-from agent.logs import STDERR, STDOUT
-from agent.procs import Usage
-from agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
-from agent.supervisor import Attempt, Job, JobState, Rank, RankState
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.agent.failures import Failure
+from rankd.agent.logs import STDERR, STDOUT
+from rankd.agent.procs import Usage
+from rankd.agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
+from rankd.agent.supervisor import Attempt, Job, JobState, Rank, RankState
+from rankd.v1 import agent_pb2 as pb
 
 __all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb"]
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.supervisor import JobState, Supervisor
+from rankd.agent.supervisor import JobState, Supervisor
 
 __all__ = ["MetricsInterceptor", "StreamStats", "serve_metrics"]
 

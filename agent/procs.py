@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 import psutil
 
-from agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker, task_children
+from rankd.agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker, task_children
 
 __all__ = [
     "MARKER_ENV",

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from agent.errors import RankdError
+from rankd.agent.errors import RankdError
 
 __all__ = [
     "OPEN_METHOD_PREFIXES",

@@ -17,15 +17,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from agent import __version__, wire
-from agent.errors import RankdError
-from agent.logfmt import configure_logging
-from agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
-from agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
-from agent.service import NodeAgentService
-from agent.specs import Limits
-from agent.supervisor import Supervisor
-from protos.rankd.v1 import agent_pb2
+from rankd.agent import __version__, wire
+from rankd.agent.errors import RankdError
+from rankd.agent.logfmt import configure_logging
+from rankd.agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
+from rankd.agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
+from rankd.agent.service import NodeAgentService
+from rankd.agent.specs import Limits
+from rankd.agent.supervisor import Supervisor
+from rankd.v1 import agent_pb2
 
 __all__ = ["DEFAULT_PORT", "create_server", "default_log_dir", "main", "stop_server"]
 

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agent import __version__
-from agent.convert import cache_ended_rank, job_status, spec_from_pb
-from agent.errors import (
+from rankd.agent import __version__
+from rankd.agent.convert import cache_ended_rank, job_status, spec_from_pb
+from rankd.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
     JobNotFound,
@@ -29,14 +29,14 @@ from agent.errors import (
     RankdError,
     SpecError,
 )
-from agent.logs import STDERR, STDOUT, Chunk, LogReader
-from agent.metrics import StreamStats
-from agent.specs import parse_signal, validate_job_id
-from agent.supervisor import Attempt, Supervisor
-from agent.watch import Update, check_heartbeat, job_updates
-from agent.wire import packed_response
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
+from rankd.agent.logs import STDERR, STDOUT, Chunk, LogReader
+from rankd.agent.metrics import StreamStats
+from rankd.agent.specs import parse_signal, validate_job_id
+from rankd.agent.supervisor import Attempt, Supervisor
+from rankd.agent.watch import Update, check_heartbeat, job_updates
+from rankd.agent.wire import packed_response
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc as pb_grpc
 
 __all__ = ["NodeAgentService"]
 

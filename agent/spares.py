@@ -26,8 +26,8 @@ import secrets
 import shutil
 import threading
 
-from agent.linux import rename_noreplace
-from agent.store import JOB_FILE  # written in place by the job's first record
+from rankd.agent.linux import rename_noreplace
+from rankd.agent.store import JOB_FILE  # written in place by the job's first record
 
 __all__ = ["PREFIX", "SpareDirs", "make_dir", "sweep"]
 

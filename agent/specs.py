@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
 
-from agent.errors import SpecError
+from rankd.agent.errors import SpecError
 
 __all__ = [
     "DEFAULT_KILL_TIMEOUT",

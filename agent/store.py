@@ -11,8 +11,8 @@ import threading
 from dataclasses import fields
 from typing import Any
 
-from agent.failures import Failure
-from agent.specs import JobSpec
+from rankd.agent.failures import Failure
+from rankd.agent.specs import JobSpec
 
 __all__ = ["JOB_FILE", "load_job_files", "spec_from_dict", "spec_to_dict", "write_job_file"]
 

@@ -29,13 +29,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TextIO
 
-from agent import procs, spares, store
-from agent.errors import AlreadyExists, JobNotFound, LimitExceeded, PermissionDenied, SpecError
-from agent.failures import Failure, read_failure, stderr_tail
-from agent.guardian import spawn_guardian
-from agent.linux import set_child_subreaper
-from agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
-from agent.specs import JobSpec, Limits, Std, validate_job_id
+from rankd.agent import procs, spares, store
+from rankd.agent.errors import (
+    AlreadyExists,
+    JobNotFound,
+    LimitExceeded,
+    PermissionDenied,
+    SpecError,
+)
+from rankd.agent.failures import Failure, read_failure, stderr_tail
+from rankd.agent.guardian import spawn_guardian
+from rankd.agent.linux import set_child_subreaper
+from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogReader, LogWatcher
+from rankd.agent.specs import JobSpec, Limits, Std, validate_job_id
 
 __all__ = ["Attempt", "Job", "JobState", "Rank", "RankState", "Supervisor"]
 

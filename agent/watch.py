@@ -21,8 +21,8 @@ import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from agent.errors import SpecError
-from agent.supervisor import Attempt, Job, Supervisor
+from rankd.agent.errors import SpecError
+from rankd.agent.supervisor import Attempt, Job, Supervisor
 
 __all__ = [
     "MAX_HEARTBEAT",

@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from agent.logs import Chunk
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
+from rankd.agent.logs import Chunk
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc as pb_grpc
 
 __all__ = ["packed_response", "register"]
 

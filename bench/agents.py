@@ -24,8 +24,8 @@ from typing import IO, Any
 
 import grpc
 
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc as pb_grpc
 
 __all__ = [
     "REPO",
@@ -49,7 +49,7 @@ def _agent_command() -> list[str]:
     if beside.exists():
         return [str(beside)]
     found = shutil.which("rankd-agent")
-    return [found] if found else [sys.executable, "-m", "agent.server"]
+    return [found] if found else [sys.executable, "-m", "rankd.agent.server"]
 
 
 def _drain(stream: IO[bytes], first: queue.Queue[bytes]) -> None:

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agent import wire
 from bench.workers import flood_line
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc as pb_grpc
+from rankd.agent import wire
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc as pb_grpc
 
 __all__ = ["BATCH_LINES", "BareStream", "main"]
 

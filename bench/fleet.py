@@ -15,7 +15,7 @@ import psutil
 from bench.agents import Agent, job_id, launch_agents, make_spec, stop_all
 from bench.config import TRUE, Config, ms
 from bench.harness import RowSpec, Samples, Scenario, Target
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2 as pb
 
 __all__ = ["scenarios"]
 
@@ -67,7 +67,7 @@ def _poll_fanout(cfg: Config) -> Scenario:
     exits = cfg.pick(3, 1)  # push-latency rounds per repetition
 
     def setup() -> _Fleet:
-        from client import Cluster  # the client package, as a coordinator would use it
+        from rankd.client import Cluster  # the client package, as a coordinator would use it
 
         agents = launch_agents(cfg.scratch("agents"), count, prefix="fanout")
         fleet = _Fleet(agents, job_id("fanout"))
@@ -224,7 +224,7 @@ def _idle(cfg: Config) -> Scenario:
     def measure(f: _Fleet) -> Samples:
         proc = psutil.Process(f.agents[0].pid)
         cpu, rss = _usage(proc, window)
-        guardians = [c for c in proc.children() if "agent.guardian" in " ".join(c.cmdline())]
+        guardians = [c for c in proc.children() if "rankd.agent.guardian" in " ".join(c.cmdline())]
         f.extras = {
             "window_s": window,
             "agent_threads": proc.num_threads(),

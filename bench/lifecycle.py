@@ -19,14 +19,14 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any, TypeVar
 
-from agent.convert import cache_ended_rank, spec_from_pb
-from agent.supervisor import Supervisor
 from bench.agents import Agent, job_id, launch_agents, make_spec, wait_exec, wait_files
 from bench.config import TRUE, Config, ms
 from bench.harness import SETTLE, RowSpec, Samples, Scenario, Target
 from bench.torch_side import TorchLauncher
 from bench.workers import EXIT_AT, PYTHON, SLEEP, SLEEP_READY, python_args
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.agent.convert import cache_ended_rank, spec_from_pb
+from rankd.agent.supervisor import Supervisor
+from rankd.v1 import agent_pb2 as pb
 
 __all__ = ["scenarios"]
 

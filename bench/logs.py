@@ -20,7 +20,7 @@ from bench.config import Config, ms
 from bench.harness import RowSpec, Samples, Scenario, Target
 from bench.torch_side import LockedFile, TimedSink, TorchLauncher
 from bench.workers import FLOOD, LINE_BYTES, PYTHON, TIMESTAMPS, python_args
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2 as pb
 
 __all__ = ["scenarios"]
 

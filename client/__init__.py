@@ -1,6 +1,6 @@
 """The rankd client: one agent, many agents, and the ``rankd`` CLI.
 
-    from client import Cluster, JobFailed
+    from rankd.client import Cluster, JobFailed
 
     with Cluster(["node01:29600", "node02:29600"]) as cluster:
         try:
@@ -8,45 +8,84 @@
         except JobFailed as failed:
             print(failed.report)
 
-It depends on the wire contract (``protos``) only, never on the agent.
+It depends on the wire contract (``rankd.v1``) only, never on the agent. Names load on
+first use, so importing the package imports no gRPC and changes no process-wide setting.
 """
 
 from __future__ import annotations
 
-import os as _os
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# gRPC's C core logs handshake failures on stderr before rankd can explain them; a CLI
-# must print one readable line. Must be set before grpc is first imported.
-_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+if TYPE_CHECKING:
+    from rankd.client.agent_client import (
+        AgentClient,
+        AsyncAgentClient,
+        AsyncLogStream,
+        AsyncStatusWatch,
+        LogStream,
+        StatusWatch,
+    )
+    from rankd.client.clock import ClockEstimator, ClockSample
+    from rankd.client.cluster import AsyncCluster, Cluster
+    from rankd.client.errors import (
+        AgentError,
+        AgentTimeout,
+        AgentUnavailable,
+        AlreadyExists,
+        AuthenticationFailed,
+        ClusterError,
+        InvalidArgument,
+        JobFailed,
+        JobNotFound,
+        NodeListError,
+        RankdError,
+    )
+    from rankd.client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
+    from rankd.client.report import FailureReport, RankFailure
+    from rankd.client.results import NodeResult
+    from rankd.client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress, torchrun_env
+    from rankd.v1.agent_pb2 import JobSpec, JobStatus, LogLine
 
-from client.agent_client import (
-    AgentClient,
-    AsyncAgentClient,
-    AsyncLogStream,
-    AsyncStatusWatch,
-    LogStream,
-    StatusWatch,
-)
-from client.clock import ClockEstimator, ClockSample
-from client.cluster import AsyncCluster, Cluster
-from client.errors import (
-    AgentError,
-    AgentTimeout,
-    AgentUnavailable,
-    AlreadyExists,
-    AuthenticationFailed,
-    ClusterError,
-    InvalidArgument,
-    JobFailed,
-    JobNotFound,
-    NodeListError,
-    RankdError,
-)
-from client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
-from client.report import FailureReport, RankFailure
-from client.results import NodeResult
-from client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress, torchrun_env
-from protos.rankd.v1.agent_pb2 import JobSpec, JobStatus, LogLine
+_WHERE = {
+    "AgentClient": "rankd.client.agent_client",
+    "AgentError": "rankd.client.errors",
+    "AgentTimeout": "rankd.client.errors",
+    "AgentUnavailable": "rankd.client.errors",
+    "AlreadyExists": "rankd.client.errors",
+    "AsyncAgentClient": "rankd.client.agent_client",
+    "AsyncCluster": "rankd.client.cluster",
+    "AsyncLogStream": "rankd.client.agent_client",
+    "AsyncStatusWatch": "rankd.client.agent_client",
+    "AuthenticationFailed": "rankd.client.errors",
+    "ClockEstimator": "rankd.client.clock",
+    "ClockSample": "rankd.client.clock",
+    "Cluster": "rankd.client.cluster",
+    "ClusterError": "rankd.client.errors",
+    "DEFAULT_PORT": "rankd.client.nodes",
+    "FailureReport": "rankd.client.report",
+    "InvalidArgument": "rankd.client.errors",
+    "JobFailed": "rankd.client.errors",
+    "JobNotFound": "rankd.client.errors",
+    "JobSpec": "rankd.v1.agent_pb2",
+    "JobStatus": "rankd.v1.agent_pb2",
+    "LaunchConfig": "rankd.client.torchrun",
+    "LaunchResult": "rankd.client.torchrun",
+    "LogLine": "rankd.v1.agent_pb2",
+    "LogStream": "rankd.client.agent_client",
+    "Node": "rankd.client.nodes",
+    "NodeListError": "rankd.client.errors",
+    "NodeResult": "rankd.client.results",
+    "OutputLine": "rankd.client.torchrun",
+    "Progress": "rankd.client.torchrun",
+    "RankFailure": "rankd.client.report",
+    "RankdError": "rankd.client.errors",
+    "StatusWatch": "rankd.client.agent_client",
+    "expand_hostlist": "rankd.client.nodes",
+    "parse_nodes": "rankd.client.nodes",
+    "read_hostfile": "rankd.client.nodes",
+    "torchrun_env": "rankd.client.torchrun",
+}
 
 __all__ = [
     "DEFAULT_PORT",
@@ -87,3 +126,16 @@ __all__ = [
     "read_hostfile",
     "torchrun_env",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -31,10 +31,10 @@ from typing import Any, Self
 import grpc
 import grpc.aio
 
-from client.clock import ClockEstimator, RoundTrip
-from client.errors import AgentError, AgentUnavailable, agent_error
-from client.nodes import Node
-from protos.rankd.v1 import agent_pb2, agent_pb2_grpc
+from rankd.client.clock import ClockEstimator, RoundTrip
+from rankd.client.errors import AgentError, AgentUnavailable, agent_error
+from rankd.client.nodes import Node
+from rankd.v1 import agent_pb2, agent_pb2_grpc
 
 __all__ = [
     "DEFAULT_TIMEOUT",

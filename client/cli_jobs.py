@@ -1,6 +1,6 @@
 """``rankd status``, ``rankd logs`` and ``rankd kill``: look at and stop a job.
 
-Shared with :mod:`client.cli`: the exit codes, one-line errors, node lists.
+Shared with :mod:`rankd.client.cli_app`: the exit codes, one-line errors, node lists.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 import grpc
 
-from client.cluster import AsyncCluster, Cluster
-from client.errors import JobNotFound, RankdError, refusal
-from client.nodes import Node, resolve_nodes
-from client.report import NodeView, build_report, format_ranks
-from client.results import NodeResult
-from protos.rankd.v1 import agent_pb2
+from rankd.client.cluster import AsyncCluster, Cluster
+from rankd.client.errors import JobNotFound, RankdError, refusal
+from rankd.client.nodes import Node, resolve_nodes
+from rankd.client.report import NodeView, build_report, format_ranks
+from rankd.client.results import NodeResult
+from rankd.v1 import agent_pb2
 
 __all__ = [
     "EXIT_AUTH",

@@ -31,13 +31,13 @@ from typing import IO, Any, TypeVar
 
 import grpc
 
-from client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
-from client.errors import AgentTimeout, RankdError
-from client.launch import run_launch
-from client.nodes import Node, parse_nodes
-from client.results import NodeResult
-from client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress
-from client.watches import NodeWatch
+from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
+from rankd.client.errors import AgentTimeout, RankdError
+from rankd.client.launch import run_launch
+from rankd.client.nodes import Node, parse_nodes
+from rankd.client.results import NodeResult
+from rankd.client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress
+from rankd.client.watches import NodeWatch
 
 __all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from client.report import FailureReport
+    from rankd.client.report import FailureReport
 
 __all__ = [
     "AgentError",

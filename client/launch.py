@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from string import Template
 from typing import IO, TYPE_CHECKING, Any
 
-from client.errors import AgentError, JobFailed, JobNotFound, RankdError, cluster_error
-from client.report import FailureReport, NodeView, RankFailure, build_report
-from client.torchrun import (
+from rankd.client.errors import AgentError, JobFailed, JobNotFound, RankdError, cluster_error
+from rankd.client.report import FailureReport, NodeView, RankFailure, build_report
+from rankd.client.torchrun import (
     DEFAULT_PREFIX_TEMPLATE,
     LaunchConfig,
     LaunchResult,
@@ -39,10 +39,10 @@ from client.torchrun import (
     torchrun_defaults,
     torchrun_env,
 )
-from protos.rankd.v1 import agent_pb2
+from rankd.v1 import agent_pb2
 
 if TYPE_CHECKING:
-    from client.cluster import AsyncCluster
+    from rankd.client.cluster import AsyncCluster
 
 __all__ = ["run_launch"]
 

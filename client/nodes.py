@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.errors import NodeListError
+from rankd.client.errors import NodeListError
 
 __all__ = [
     "DEFAULT_PORT",

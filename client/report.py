@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from client.clock import ClockSample
+from rankd.client.clock import ClockSample
 
 __all__ = [
     "FailureGroup",

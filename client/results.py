@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from client.errors import ClusterError, RankdError
-from client.nodes import Node
+from rankd.client.errors import ClusterError, RankdError
+from rankd.client.nodes import Node
 
 __all__ = ["NodeResult", "raise_for_errors"]
 

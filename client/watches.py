@@ -20,8 +20,8 @@ import contextlib
 import logging
 from typing import Any
 
-from client.agent_client import AsyncAgentClient
-from client.errors import AgentError, AgentTimeout, AgentUnavailable, RankdError
+from rankd.client.agent_client import AsyncAgentClient
+from rankd.client.errors import AgentError, AgentTimeout, AgentUnavailable, RankdError
 
 __all__ = ["HEARTBEAT", "MAX_BACKOFF", "STALE_AFTER", "NodeWatch", "ended"]
 

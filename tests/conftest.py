@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from protos.rankd.v1 import agent_pb2_grpc
+from rankd.v1 import agent_pb2_grpc
 
 AGENT_BIN = str(Path(sys.executable).with_name("rankd-agent"))
 
@@ -45,7 +45,7 @@ class AgentProcess:
             self.channel.close()
 
 
-def start_agent(log_dir: Path, *extra: str) -> AgentProcess:
+def start_agent(log_dir: Path, *extra: str, cwd: Path | None = None) -> AgentProcess:
     """Start a real `rankd-agent` on 127.0.0.1 with a free port; read its address from
     the first stdout line."""
     proc = subprocess.Popen(
@@ -54,6 +54,7 @@ def start_agent(log_dir: Path, *extra: str) -> AgentProcess:
         stderr=None,
         text=True,
         start_new_session=True,
+        cwd=cwd,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the agent prints it first, flushed; EOF if it died

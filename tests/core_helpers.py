@@ -18,10 +18,10 @@ from typing import Any
 
 import psutil
 
-from agent import spares
-from agent.logs import STDERR, STDOUT, LogLine, LogReader
-from agent.specs import JobSpec
-from agent.supervisor import Attempt, Supervisor
+from rankd.agent import spares
+from rankd.agent.logs import STDERR, STDOUT, LogLine, LogReader
+from rankd.agent.specs import JobSpec
+from rankd.agent.supervisor import Attempt, Supervisor
 
 __all__ = [
     "PYTHON",

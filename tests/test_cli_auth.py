@@ -21,7 +21,7 @@ import pytest
 import trustme
 from client_fixtures import PYTHON, RANKD_BIN, Agent, closed_port, start_agent
 
-from client import (
+from rankd.client import (
     AgentError,
     AgentUnavailable,
     AuthenticationFailed,
@@ -29,7 +29,7 @@ from client import (
     ClusterError,
     InvalidArgument,
 )
-from client.errors import cluster_error, refusal
+from rankd.client.errors import cluster_error, refusal
 
 TOKEN = "auth-test-token-0123456789abcdef"
 OTHER_TOKEN = "another-token-0123456789abcdef"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from client_fixtures import PYTHON, Agent, agents, closed_port, wait_for
 
-from client import Cluster, JobFailed
-from client.cli import main
+from rankd.client import Cluster, JobFailed
+from rankd.client.cli import main
 
 # Every rank prints, then rank 2 fails once the others have printed (so that no
 # rank is stopped before its lines are out).

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from client_fixtures import ENV_DUMP, PYTHON, RANKD_BIN, Agent, agents, closed_port, wait_for
 
-from client import AgentClient
-from protos.rankd.v1 import agent_pb2
+from rankd.client import AgentClient
+from rankd.v1 import agent_pb2
 
 SLEEPER = """\
 import time

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from client_fixtures import PYTHON, Agent, Proxy, agents, closed_port, start_agent, wait_for
 
-from client import (
+from rankd.client import (
     AgentClient,
     AgentError,
     AgentTimeout,
@@ -19,8 +19,8 @@ from client import (
     InvalidArgument,
     JobNotFound,
 )
-from client.cli import main
-from protos.rankd.v1 import agent_pb2
+from rankd.client.cli import main
+from rankd.v1 import agent_pb2
 
 LINES = """\
 import os, sys

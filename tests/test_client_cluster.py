@@ -17,7 +17,7 @@ import psutil
 import pytest
 from client_fixtures import ENV_DUMP, PYTHON, Agent, agents, closed_port, wait_for
 
-from client import (
+from rankd.client import (
     AgentClient,
     AgentUnavailable,
     AsyncCluster,
@@ -27,8 +27,8 @@ from client import (
     JobNotFound,
     OutputLine,
 )
-from client.report import fold
-from protos.rankd.v1 import agent_pb2
+from rankd.client.report import fold
+from rankd.v1 import agent_pb2
 
 TORCHRUN_KEYS = [
     "RANK",

@@ -22,7 +22,7 @@ import pytest
 import trustme
 from client_fixtures import PYTHON, RANKD_BIN, Agent, start_agent
 
-from client import (
+from rankd.client import (
     AgentClient,
     AgentError,
     AgentUnavailable,
@@ -31,7 +31,7 @@ from client import (
     ClusterError,
     OutputLine,
 )
-from protos.rankd.v1 import agent_pb2
+from rankd.v1 import agent_pb2
 
 TOKEN = "tls-test-token-0123456789abcdef"
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agent import procs
+from rankd.agent import procs
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from core_helpers import Core, file_lines, open_core, wait_for_file_line
 
-from agent.failures import NOT_AVAILABLE, Failure, read_failure, root_cause, stderr_tail
-from agent.logs import STDOUT
-from agent.supervisor import JobState, RankState
+from rankd.agent.failures import NOT_AVAILABLE, Failure, read_failure, root_cause, stderr_tail
+from rankd.agent.logs import STDOUT
+from rankd.agent.supervisor import JobState, RankState
 
 
 @pytest.fixture

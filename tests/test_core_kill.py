@@ -17,7 +17,7 @@ import psutil
 import pytest
 from core_helpers import PYTHON, Core, gone, open_core, wait_for_file_line, wait_until
 
-from agent.supervisor import JobState, RankState
+from rankd.agent.supervisor import JobState, RankState
 
 
 @pytest.fixture
@@ -206,8 +206,8 @@ async def test_concurrent_kills_agree(core: Core) -> None:
 SUBREAPER_DRIVER = """
 import asyncio, json, logging, os, signal, sys, time
 import psutil
-from agent.specs import JobSpec
-from agent.supervisor import Supervisor
+from rankd.agent.specs import JobSpec
+from rankd.agent.supervisor import Supervisor
 
 LOG_DIR, WORKER, MODE = sys.argv[1:4]
 
@@ -252,8 +252,8 @@ async def main():
             class Said(logging.Handler):
                 def emit(self, record):
                     said.append(record.getMessage())
-            logging.getLogger("agent").addHandler(Said())
-            logging.getLogger("agent").setLevel(logging.INFO)
+            logging.getLogger("rankd.agent").addHandler(Said())
+            logging.getLogger("rankd.agent").setLevel(logging.INFO)
             attempt = job.current
             os.kill(rank.pid, signal.SIGUSR1)
             await asyncio.wait_for(attempt.done.wait(), 10)

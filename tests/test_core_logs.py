@@ -14,8 +14,8 @@ from typing import cast
 import pytest
 from core_helpers import Core, open_core, read_lines, wait_for_file_line
 
-from agent.logs import MAX_LINE, STDERR, STDOUT, AttemptLogs, LogLine, LogReader
-from agent.supervisor import JobState
+from rankd.agent.logs import MAX_LINE, STDERR, STDOUT, AttemptLogs, LogLine, LogReader
+from rankd.agent.supervisor import JobState
 
 ALL_KEYS = [(r, s) for r in range(4) for s in (STDOUT, STDERR)]
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from core_helpers import PYTHON, Core, open_core, wait_until
 
-from agent import spares
-from agent.errors import AlreadyExists
-from agent.specs import JobSpec
-from agent.supervisor import RankState
+from rankd.agent import spares
+from rankd.agent.errors import AlreadyExists
+from rankd.agent.specs import JobSpec
+from rankd.agent.supervisor import RankState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -215,7 +215,7 @@ async def test_a_run_directory_name_that_is_taken_is_drawn_again(
     squatter.mkdir()
     (squatter / "keep.txt").write_text("mine")
     names = iter(["00000000", "11111111"])
-    monkeypatch.setattr("agent.supervisor.secrets.token_hex", lambda n: next(names))
+    monkeypatch.setattr("rankd.agent.supervisor.secrets.token_hex", lambda n: next(names))
     attempt = await core.run(_spec("again", script, 1, "0"))
     run_dir = Path(core.sup.job("again").run_dir)
     assert run_dir.name == "again_11111111"

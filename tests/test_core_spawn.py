@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import procs
+from rankd.agent import procs
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,10 +12,10 @@ import psutil
 import pytest
 from core_helpers import PYTHON, Core, open_core
 
-from agent import procs
-from agent.errors import SpecError
-from agent.specs import JobSpec, Std, parse_signal, parse_std, render_prefix, to_map
-from agent.supervisor import Supervisor
+from rankd.agent import procs
+from rankd.agent.errors import SpecError
+from rankd.agent.specs import JobSpec, Std, parse_signal, parse_std, render_prefix, to_map
+from rankd.agent.supervisor import Supervisor
 
 
 @pytest.fixture

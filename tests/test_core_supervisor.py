@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from core_helpers import PYTHON, Core, file_lines, open_core, wait_for_file_line
 
-from agent.errors import AlreadyExists, JobNotFound, LimitExceeded
-from agent.specs import JobSpec
-from agent.supervisor import JobState, RankState, Supervisor
+from rankd.agent.errors import AlreadyExists, JobNotFound, LimitExceeded
+from rankd.agent.specs import JobSpec
+from rankd.agent.supervisor import JobState, RankState, Supervisor
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 
-from client.torchrun import torchrun_defaults
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc
+from rankd.client.torchrun import torchrun_defaults
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc
 
 AGENT = str(Path(sys.executable).with_name("rankd-agent"))
 SHOW = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['X_DEF'], os.environ['Y_DEF'])"

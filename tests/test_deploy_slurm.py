@@ -38,7 +38,7 @@ FAKE_SRUN = """\
 #!{python}
 \"\"\"Fake srun: a task per node of SLURM_JOB_NODELIST; signals go to the tasks.\"\"\"
 import json, os, signal, subprocess, sys
-from client.nodes import expand_hostlist
+from rankd.client.nodes import expand_hostlist
 
 args = sys.argv[1:]
 options = []
@@ -82,7 +82,7 @@ FAKE_SCONTROL = """\
 #!{python}
 \"\"\"Fake scontrol: only `scontrol show hostnames [LIST]`.\"\"\"
 import os, sys
-from client.nodes import expand_hostlist
+from rankd.client.nodes import expand_hostlist
 
 if sys.argv[1:3] != ["show", "hostnames"]:
     sys.exit(f"fake scontrol: unsupported {{sys.argv[1:]}}")

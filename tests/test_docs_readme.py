@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from client.cli_jobs import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
+from rankd.client.cli_jobs import (
+    EXIT_AUTH,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

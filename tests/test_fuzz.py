@@ -14,7 +14,7 @@ from conftest import AgentProcess, start_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2 as pb
 
 ALLOWED = {
     grpc.StatusCode.OK,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import NodeListError
-from client.nodes import (
+from rankd.client.errors import NodeListError
+from rankd.client.nodes import (
     DEFAULT_PORT,
     Node,
     expand_hostlist,

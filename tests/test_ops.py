@@ -16,8 +16,8 @@ from conftest import AGENT_BIN, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc
 
 
 class ObservedAgent:

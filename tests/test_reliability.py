@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import AgentProcess, start_agent, wait_until
+from conftest import AGENT_BIN, AgentProcess, start_agent, wait_until
 
-from agent.spares import PREFIX
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.agent.spares import PREFIX
+from rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
 
@@ -231,3 +232,49 @@ def test_max_jobs_forgets_the_oldest_ended_jobs(tmp_path: Path) -> None:
         assert len(runs) == 5  # nothing deleted on disk
     finally:
         agent.stop()
+
+
+def test_guardian_ignores_a_shadowing_working_directory(tmp_path: Path) -> None:
+    """An agent started from a folder holding `agent/` and `rankd/` packages still gets
+    a working guardian: a SIGKILLed agent leaves no rank behind."""
+    for name in ("agent", "rankd"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise SystemExit('shadowed')\n")
+    agent = start_agent(tmp_path / "logs", cwd=tmp_path)
+    try:
+        spec = pb.JobSpec(job_id="shadow", nprocs=2, entrypoint=PY, args=["-c", _SLEEPER])
+        agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)
+        wait_until(lambda: len(_marked_processes("/shadow/")) == 2, 20, "2 ranks")
+        agent.stop(signal.SIGKILL)
+        wait_until(lambda: not _marked_processes("/shadow/"), 10, "the guardian's sweep")
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
+_SLEEPER = "import time; print('up', flush=True); time.sleep(1000)"
+
+
+def test_agent_refuses_to_start_without_its_guardian(tmp_path: Path) -> None:
+    """A guardian that dies at start (here: a sitecustomize that exits in it alone) makes
+    the agent exit 2 with one line naming the cause, and leaves no process."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'rankd.agent.guardian' in sys.orig_argv:\n"
+        "    sys.stderr.write('guardian cannot start: no room\\n')\n"
+        "    os._exit(1)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hook)}
+    done = subprocess.run(
+        [AGENT_BIN, "--port", "0", "--log-dir", str(tmp_path / "logs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # never said "listening on"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("rankd-agent: error: the guardian"), done.stderr
+    assert last.endswith("guardian cannot start: no room"), done.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from client.clock import ClockEstimator, ClockSample, RoundTrip
-from client.report import NodeView, build_report, fold, format_ranks
-from protos.rankd.v1 import agent_pb2
+from rankd.client.clock import ClockEstimator, ClockSample, RoundTrip
+from rankd.client.report import NodeView, build_report, fold, format_ranks
+from rankd.v1 import agent_pb2
 
 T0 = 1_800_000_000.0
 

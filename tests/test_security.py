@@ -15,8 +15,8 @@ from conftest import AGENT_BIN, AgentProcess, start_agent, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos.rankd.v1 import agent_pb2 as pb
-from protos.rankd.v1 import agent_pb2_grpc
+from rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2_grpc
 
 TOKEN = "s3cret-token-0123456789abcdef"
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 from conftest import AgentProcess
 
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.soak
 

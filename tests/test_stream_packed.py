@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from conftest import AgentProcess, wait_until
 
-from client.agent_client import unpack_block
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.client.agent_client import unpack_block
+from rankd.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 

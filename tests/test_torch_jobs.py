@@ -21,8 +21,8 @@ from torch_fixtures import (
     write,
 )
 
-from client import Cluster, JobFailed, OutputLine
-from protos.rankd.v1 import agent_pb2
+from rankd.client import Cluster, JobFailed, OutputLine
+from rankd.v1 import agent_pb2
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from conftest import AgentProcess
 
-from client import AgentClient, AsyncAgentClient, JobNotFound
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.client import AgentClient, AsyncAgentClient, JobNotFound
+from rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
 

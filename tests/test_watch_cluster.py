@@ -20,7 +20,7 @@ from client_fixtures import Agent, agents, closed_port, start_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_watch import GATED
 
-from client import (
+from rankd.client import (
     AgentClient,
     AgentTimeout,
     AgentUnavailable,
@@ -29,8 +29,8 @@ from client import (
     JobNotFound,
     watches,
 )
-from client import cluster as cluster_module
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.client import cluster as cluster_module
+from rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
 

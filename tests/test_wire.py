@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.logs import Chunk
-from agent.wire import packed_response
-from protos.rankd.v1 import agent_pb2 as pb
+from rankd.agent.logs import Chunk
+from rankd.agent.wire import packed_response
+from rankd.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 

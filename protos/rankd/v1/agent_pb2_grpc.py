@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.rankd.v1 import agent_pb2 as protos_dot_rankd_dot_v1_dot_agent__pb2
+from rankd.v1 import agent_pb2 as rankd_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/rankd/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in rankd/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,38 +40,38 @@ class NodeAgentStub:
         """
         self.Start = channel.unary_unary(
                 '/rankd.v1.NodeAgent/Start',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StartRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StartResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.StartRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.StartResponse.FromString,
                 _registered_method=True)
         self.Poll = channel.unary_unary(
                 '/rankd.v1.NodeAgent/Poll',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.PollResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.PollResponse.FromString,
                 _registered_method=True)
         self.Stream = channel.unary_stream(
                 '/rankd.v1.NodeAgent/Stream',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/rankd.v1.NodeAgent/Watch',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
                 _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/rankd.v1.NodeAgent/Kill',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/rankd.v1.NodeAgent/List',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.ListResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.ListResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rankd.v1.NodeAgent/Info',
-                request_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+                request_serializer=rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -145,38 +145,38 @@ def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Start': grpc.unary_unary_rpc_method_handler(
                     servicer.Start,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StartRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StartResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.StartRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.StartResponse.SerializeToString,
             ),
             'Poll': grpc.unary_unary_rpc_method_handler(
                     servicer.Poll,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.PollRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.PollResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.PollRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.PollResponse.SerializeToString,
             ),
             'Stream': grpc.unary_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.StreamRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.StreamResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.WatchRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.WatchResponse.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.KillRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.KillResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.KillRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.KillResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.ListRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.ListResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.ListRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.ListResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_rankd_dot_v1_dot_agent__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_rankd_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.InfoRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -208,8 +208,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Start',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.StartRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.StartResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.StartRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.StartResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -235,8 +235,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Poll',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.PollResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.PollRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.PollResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -262,8 +262,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Stream',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.StreamRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -289,8 +289,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Watch',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -316,8 +316,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Kill',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -343,8 +343,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/List',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.ListResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.ListResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -370,8 +370,8 @@ class NodeAgent:
             request,
             target,
             '/rankd.v1.NodeAgent/Info',
-            protos_dot_rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-            protos_dot_rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+            rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

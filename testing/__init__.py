@@ -1,0 +1,1 @@
+"""Real local agents for integration tests (filled in below)."""
