@@ -1,9 +1,11 @@
-"""The README's commands run as written: every shell block marked as tested is executed.
+"""The docs' commands run as written: every shell block marked as tested is executed.
 
-A tested block is a fenced ``sh`` block right after a ``<!-- tested ... -->`` line; the
-next plain fenced block is what it prints. The block runs with ``bash -euo pipefail`` in
-a temporary directory that stands for a checkout (``deploy/`` and ``examples/`` are
-linked into it), with this venv's ``bin`` first on ``PATH`` and ``$PORT`` a free port.
+The docs are README.md and every ``docs/*.md``. A tested block is a fenced ``sh`` block
+right after a ``<!-- tested ... -->`` line; the next plain fenced block is what it prints.
+Its test id is ``FILE::HEADING``, the file and the heading the block stands under.
+The block runs with ``bash -euo pipefail`` in a temporary directory that stands for a
+checkout (``deploy/`` and ``examples/`` are linked into it), with this venv's ``bin``
+first on ``PATH`` and ``$PORT`` a free port.
 Every shown line must appear in its stdout, where the block's default port (its
 ``PORT=${PORT:-N}`` line) stands for the free port and ``pid N`` for any pid. No
 process the block started may outlive it.
@@ -29,6 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 MARK = "<!-- tested"
 BLOCK_TIMEOUT = 60.0
 # Set in every tested block's environment; a process that still carries it after the
@@ -52,20 +55,41 @@ class Block:
         return found.group(1) if found else None
 
 
-def readme_blocks() -> list[Block]:
-    text = README.read_text()
+def doc_files() -> list[Path]:
+    """README.md, then every docs/*.md in name order."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _last_heading(text: str) -> str:
+    """The last Markdown heading in ``text``, not counting `#` lines inside fenced code."""
+    heading, fenced = "top", False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (found := re.match(r"#{1,6} (.+)$", line)):
+            heading = found.group(1).strip()
+    return heading
+
+
+def file_blocks(path: Path) -> list[Block]:
+    """The tested blocks of one file, each titled ``FILE::HEADING``."""
+    text = path.read_text()
+    name = path.relative_to(ROOT).as_posix()
     blocks = []
     for found in _BLOCK_RE.finditer(text):
-        heading = re.findall(r"^## (.+)$", text[: found.start()], flags=re.M)
         assert "```" not in found.group("after"), "a tested block must be followed by its output"
         blocks.append(
             Block(
-                title=heading[-1] if heading else "top",
+                title=f"{name}::{_last_heading(text[: found.start()])}",
                 script=found.group("block"),
                 shown=found.group("shown").splitlines(),
             )
         )
     return blocks
+
+
+def doc_blocks() -> list[Block]:
+    return [block for path in doc_files() for block in file_blocks(path)]
 
 
 def _free_port() -> int:
@@ -100,12 +124,19 @@ def _expected_line(line: str) -> str:
     return "".join(r"pid \d+" if re.fullmatch(r"pid \d+", p) else re.escape(p) for p in parts)
 
 
-def test_readme_has_tested_blocks() -> None:
-    text = README.read_text()
-    blocks = readme_blocks()
-    assert text.count(MARK) == len(blocks) >= 3
-    titles = {b.title for b in blocks}
-    assert {"CLI", "Deploying", "Security"} <= titles, titles
+def test_docs_have_tested_blocks() -> None:
+    for path in doc_files():  # every mark is followed by a block the harness runs
+        assert path.read_text().count(MARK) == len(file_blocks(path)), path
+    blocks = doc_blocks()
+    assert len(blocks) >= 4
+    titles = [b.title for b in blocks]
+    assert len(set(titles)) == len(titles), titles  # test ids stay unique and readable
+    assert {
+        "README.md::CLI",
+        "README.md::Python API",
+        "docs/deploying.md::Deploying",
+        "docs/security.md::Security",
+    } <= set(titles), titles
     for block in blocks:
         assert block.shown, f"the block under {block.title!r} shows no output"
         assert block.default_port, f"the block under {block.title!r} has no PORT=${{PORT:-N}}"
@@ -118,8 +149,8 @@ def test_expected_line_pattern() -> None:
 
 
 @pytest.mark.timeout(BLOCK_TIMEOUT + 30)
-@pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b.title)
-def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", doc_blocks(), ids=lambda b: b.title)
+def test_doc_block_runs(block: Block, tmp_path: Path) -> None:
     if "openssl " in block.script and shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     for name in ("deploy", "examples"):  # the block runs as if in a checkout
