@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rankd.agent.failures import Failure
 from rankd.agent.logs import STDERR, STDOUT
+from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.procs import Usage
 from rankd.agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
-from rankd.agent.supervisor import Attempt, Job, JobState, Rank, RankState
 from rankd.v1 import agent_pb2 as pb
 
 __all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb"]
@@ -142,7 +142,7 @@ def cache_ended_rank(attempt: Attempt, rank: Rank) -> None:
     output that descendants may still append, which its byte counts (taken at the exit)
     leave out."""
     if rank.exit_code is not None:
-        attempt.wire[("rank", rank.local_rank)] = _rank_to_pb(
+        attempt.wire.ranks[rank.local_rank] = _rank_to_pb(
             rank, attempt, {}, _failure(attempt, rank)
         )
 
@@ -151,10 +151,10 @@ def _failure(attempt: Attempt, rank: Rank) -> pb.Failure | None:
     """A rank's failure, set once at its exit, in wire form (built once)."""
     if rank.failure is None:
         return None
-    key = ("failure", rank.local_rank)
-    cached: pb.Failure | None = attempt.wire.get(key)
+    cache = attempt.wire.failures
+    cached = cache.get(rank.local_rank)
     if cached is None:
-        cached = attempt.wire[key] = failure_to_pb(rank.failure)
+        cached = cache[rank.local_rank] = failure_to_pb(rank.failure)
     return cached
 
 
@@ -167,13 +167,14 @@ def job_status(
     attempt = attempt or job.current
     usage = usage or {}
     cache = attempt.wire
-    spec = cache.get("spec")
+    spec = cache.spec
     if spec is None:
-        spec = cache["spec"] = spec_to_pb(attempt.spec)
+        spec = cache.spec = spec_to_pb(attempt.spec)
     last_output = attempt.logs.last_output
+    ended = cache.ranks
     ranks = []
     for rank in attempt.ranks:
-        msg = cache.get(("rank", rank.local_rank))
+        msg = ended.get(rank.local_rank)
         if msg is None:
             msg = _rank_to_pb(rank, attempt, usage, _failure(attempt, rank))
         else:  # the agent may read a rank's last lines after it saw the exit

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from rankd.agent.supervisor import JobState, Supervisor
+from rankd.agent.model import JobState
+from rankd.agent.supervisor import Supervisor
 
 __all__ = ["MetricsInterceptor", "StreamStats", "serve_metrics"]
 

@@ -1,8 +1,8 @@
 """Run directories made ahead of time, so that a Start does not wait for them.
 
 A new job of n ranks needs 2 + n directories, 2n output files and its job.json before
-Start answers: 27 new inodes for 8 ranks. On ext4 each creation costs 20-200 µs, and
-spawn waits for the output files (opened in the child, between vfork and exec).
+Start answers: 27 new inodes for 8 ranks, each a file system operation, and spawn waits
+for the output files (opened in the child, between vfork and exec).
 
 After each Start the agent makes the tree for one more attempt of the same size a moment
 later, in a thread of its own that pauses while a Start or a Kill runs, under a hidden
@@ -25,20 +25,20 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import AsyncIterator
 
 from rankd.agent.linux import rename_noreplace
 from rankd.agent.store import JOB_FILE  # written in place by the job's first record
 
-__all__ = ["PREFIX", "SpareDirs", "make_dir", "sweep"]
+__all__ = ["DELAY", "PREFIX", "SpareDirs", "make_dir", "sweep"]
 
 logger = logging.getLogger(__name__)
 
 PREFIX = ".spare-"
 MAX_RANKS = 512  # larger attempts make their own directories (a spare holds 3n inodes)
-# seconds after a Start: the spare's ~1-5 ms of file system work would otherwise compete
-# with the Start's answer and its ranks' exec for the CPU (measured: +0.3 ms on the
-# answer when made at once)
-_DELAY = 0.005
+# seconds after a Start: the spare's file system work would otherwise compete with the
+# Start's answer and its ranks' exec for the CPU
+DELAY = 0.005
 _FILES = ("stdout.log", "stderr.log")
 _ATTEMPT = "attempt_0"
 _JOB_FILE_MODE = 0o600
@@ -50,10 +50,11 @@ class SpareDirs:
     """At most one spare run directory under `log_dir`, made in a thread of its own
     that pauses before each creation while the agent holds it (during a Start or a
     Kill), so that it never competes with them for the CPU. Used from the event loop
-    only."""
+    only. `delay`: seconds from `prepare` to the start of the making."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, *, delay: float = DELAY) -> None:
         self._log_dir = log_dir
+        self._delay = delay
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # at first use
         self._nprocs = 0
         self._pending: concurrent.futures.Future[str] | None = None
@@ -61,6 +62,8 @@ class SpareDirs:
         self._holds = 0
         self._quiet = threading.Event()  # set while nobody holds: the maker may go on
         self._quiet.set()
+        #: Set while the maker (in its thread) waits for a release.
+        self.parked = threading.Event()
         self._closed = False  # the maker stops before its next creation
         self._failed = False  # making one failed once (read-only dir, quota): stop trying
 
@@ -74,6 +77,15 @@ class SpareDirs:
         self._holds -= 1
         if self._holds == 0:
             self._quiet.set()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Hold while this runs and until the loop's next turn (the answer that follows)."""
+        self.hold()
+        try:
+            yield
+        finally:
+            asyncio.get_running_loop().call_soon(self.release)
 
     def take_run(self, nprocs: int, run_dir: str, attempt: str) -> bool:
         """Move a ready spare of exactly `nprocs` ranks to `run_dir` (a new job's, which
@@ -129,7 +141,7 @@ class SpareDirs:
             if self._nprocs == nprocs:
                 return
             self.discard()
-        self._timer = asyncio.get_running_loop().call_later(_DELAY, self._make, nprocs)
+        self._timer = asyncio.get_running_loop().call_later(self._delay, self._make, nprocs)
 
     def _make(self, nprocs: int) -> None:
         self._timer = None
@@ -165,7 +177,10 @@ class SpareDirs:
         return spare
 
     def _go_on(self) -> None:
-        self._quiet.wait()
+        if not self._quiet.is_set():
+            self.parked.set()
+            self._quiet.wait()
+            self.parked.clear()
         if self._closed:
             raise _Stopped
 

@@ -1,26 +1,84 @@
 """Jobs on disk: each run directory holds `job.json`, written atomically (temp file +
 rename) when an attempt starts and when it ends, so an agent restarted on the same
-`--log-dir` still answers Poll and Stream for past jobs."""
+`--log-dir` still answers Poll and Stream for past jobs. This module alone knows the
+file's format: every to- and from-dict is here."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
+import signal
 import threading
 from dataclasses import fields
 from typing import Any
 
-from rankd.agent.failures import Failure
+from rankd.agent.failures import Failure, stderr_tail
+from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
+from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.specs import JobSpec
 
-__all__ = ["JOB_FILE", "load_job_files", "spec_from_dict", "spec_to_dict", "write_job_file"]
+__all__ = ["JOB_FILE", "LOST", "JobStore", "job_from_dict", "job_to_dict"]
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 FORMAT = 1
+#: How a restored attempt that was running when its agent died explains its end.
+LOST = "the agent stopped while this attempt ran"
 
+
+class JobStore:
+    """The job.json of every job under `log_dir`. `save_now` writes on the caller's
+    thread; `save_later` in one io thread, in submission order, so that an older state
+    never overwrites a newer one. A failure to write is logged, never raised: the job
+    runs on, only its record after a restart is at stake."""
+
+    def __init__(self, log_dir: str) -> None:
+        self._log_dir = log_dir
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
+
+    def save_now(self, job: Job, *, fresh: bool = False) -> None:
+        """Write the job's record now. `fresh`: its first record, written in place (over
+        the empty file of a spare run directory, see agent.spares): there is no earlier
+        record that a torn write could spoil."""
+        _write(job.run_dir, job_to_dict(job), fresh=fresh)
+
+    def save_later(self, job: Job) -> concurrent.futures.Future[None]:
+        """Write the job's record, as it is now, in the io thread (after `close`: here)."""
+        data = job_to_dict(job)  # the snapshot: the loop changes the job meanwhile
+        try:
+            return self._io.submit(_write, job.run_dir, data)
+        except RuntimeError:  # after close(): a straggler's exit
+            _write(job.run_dir, data)
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    def load(self, max_jobs: int) -> list[Job]:
+        """The newest `max_jobs` jobs recorded under the log dir, oldest first (older
+        records stay on disk, unserved). An attempt that was running when its agent died
+        comes back FAILED, never RUNNING, and its record is rewritten so. Unreadable or
+        foreign records are skipped with a warning."""
+        jobs = []
+        for run_dir, data in _read_all(self._log_dir)[-max_jobs:]:
+            try:
+                job = job_from_dict(data, run_dir)
+            except (KeyError, TypeError, ValueError) as err:
+                logger.warning("skipping job record in %s: %s", run_dir, err)
+                continue
+            if any(a.reason.startswith(LOST) for a in job.attempts):
+                self.save_now(job)
+            jobs.append(job)
+        return jobs
+
+    def close(self) -> None:
+        """Wait for the writes under way; later ones are made by their caller."""
+        self._io.shutdown(wait=True)
+
+
+# -- to and from dicts -------------------------------------------------------------------
 
 _SPEC_FIELDS = fields(JobSpec)
 
@@ -64,16 +122,111 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
     )
 
 
-def failure_from_dict(data: dict[str, Any]) -> Failure:
-    return Failure(**data)
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """A snapshot for job.json: nothing in it is changed later by the loop."""
+    return {"job_id": job.job_id, "attempts": [_attempt_to_dict(a) for a in job.attempts]}
 
 
-def write_job_file(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> None:
-    """Replace `<run_dir>/job.json` atomically; a failure to write is logged, not raised
-    (the job runs on; only its record after a restart is at stake). `fresh`: the job's
-    first record, written in place (over the empty file of a spare run directory, see
-    agent.spares): there is no earlier record that a torn write could spoil."""
-    # compact: the C encoder (indent= falls back to the pure-Python one, 10x slower)
+def job_from_dict(data: dict[str, Any], run_dir: str) -> Job:
+    """The job of a record (every attempt ended; see `JobStore.load`). Raises KeyError,
+    TypeError or ValueError for a malformed record."""
+    job = Job(data["job_id"], run_dir)
+    job.attempts.extend(_attempt_from_dict(item) for item in data["attempts"])
+    return job
+
+
+def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    if attempt.spec_record is None:
+        attempt.spec_record = spec_to_dict(attempt.spec)
+    return {
+        "spec": attempt.spec_record,
+        "attempt_dir": attempt.logs.attempt_dir,
+        "state": attempt.state.value,
+        "reason": attempt.reason,
+        "start_time": attempt.start_time,
+        "end_time": attempt.end_time,
+        "ranks": [
+            {
+                "local_rank": r.local_rank,
+                "pid": r.pid,
+                "start_time": r.start_time,
+                "end_time": r.end_time,
+                "exit_code": r.exit_code,
+                "state": r.state.value,
+                "terminated_by_agent": r.terminated_by_agent,
+                # shallow: a Failure is not changed once made
+                "failure": dict(vars(r.failure)) if r.failure else None,
+            }
+            for r in attempt.ranks
+        ],
+    }
+
+
+def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
+    spec = spec_from_dict(data["spec"])
+    logs = AttemptLogs(
+        data["attempt_dir"], spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)]
+    )
+    logs.ended = True
+    attempt = Attempt(
+        spec=spec,
+        logs=logs,
+        state=JobState(data["state"]),
+        reason=data.get("reason", ""),
+        start_time=float(data.get("start_time", 0.0)),
+        end_time=float(data.get("end_time", 0.0)),
+    )
+    attempt.ranks.extend(_rank_from_dict(item, logs) for item in data["ranks"])
+    if attempt.state is JobState.RUNNING:  # its agent died
+        attempt.state = JobState.FAILED
+        attempt.reason = f"{LOST} (it crashed or was killed); its ranks were killed with it"
+        attempt.end_time = attempt.end_time or max(
+            (r.start_time for r in attempt.ranks), default=attempt.start_time
+        )
+    attempt.done.set()
+    return attempt
+
+
+def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
+    local_rank = int(item["local_rank"])
+    failure = item.get("failure")
+    rank = Rank(
+        local_rank=local_rank,
+        pid=int(item["pid"]),
+        start_time=float(item["start_time"]),
+        stdout_path=logs.path(local_rank, STDOUT),
+        stderr_path=logs.path(local_rank, STDERR),
+        error_file=logs.error_file(local_rank),
+        end_time=float(item.get("end_time", 0.0)),
+        exit_code=item.get("exit_code"),
+        state=RankState(item["state"]),
+        terminated_by_agent=bool(item.get("terminated_by_agent")),
+        failure=Failure(**failure) if failure else None,
+    )
+    if rank.exit_code is None:  # it was running when the agent died
+        rank.state = RankState.TERMINATED
+        rank.failure = Failure(
+            local_rank=rank.local_rank,
+            pid=rank.pid,
+            exit_code=-signal.SIGKILL,
+            signal_name="SIGKILL",
+            message=(
+                f"{LOST}: the rank (PID {rank.pid}) was killed by the agent's guardian; "
+                "its exit status is unknown"
+            ),
+            terminated_by_agent=True,
+            stderr_tail=stderr_tail(rank.stderr_path),
+        )
+        rank.exit_code = -signal.SIGKILL
+    return rank
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> None:
+    """Replace `<run_dir>/job.json` atomically (in place if `fresh`); errors are logged."""
+    # compact: the C encoder (indent= falls back to the pure-Python one)
     payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
     target = os.path.join(run_dir, JOB_FILE)
     # else one temporary name per writing thread (the loop's, the io thread's)
@@ -93,7 +246,7 @@ def write_job_file(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -
         logger.exception("could not record job state in %s", run_dir)
 
 
-def load_job_files(log_dir: str) -> list[tuple[str, dict[str, Any]]]:
+def _read_all(log_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """(run_dir, data) of every readable job file directly under `log_dir`, oldest first.
     Unreadable or foreign files are skipped with a warning."""
     found: list[tuple[float, str, dict[str, Any]]] = []

@@ -22,7 +22,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from rankd.agent.errors import SpecError
-from rankd.agent.supervisor import Attempt, Job, Supervisor
+from rankd.agent.model import Attempt, Job
+from rankd.agent.supervisor import Supervisor
 
 __all__ = [
     "MAX_HEARTBEAT",

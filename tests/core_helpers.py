@@ -20,8 +20,9 @@ import psutil
 
 from rankd.agent import spares
 from rankd.agent.logs import STDERR, STDOUT, LogLine, LogReader
+from rankd.agent.model import Attempt
 from rankd.agent.specs import JobSpec
-from rankd.agent.supervisor import Attempt, Supervisor
+from rankd.agent.supervisor import Supervisor
 
 __all__ = [
     "PYTHON",

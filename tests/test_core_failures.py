@@ -16,7 +16,7 @@ from core_helpers import Core, file_lines, open_core, wait_for_file_line
 
 from rankd.agent.failures import NOT_AVAILABLE, Failure, read_failure, root_cause, stderr_tail
 from rankd.agent.logs import STDOUT
-from rankd.agent.supervisor import JobState, RankState
+from rankd.agent.model import JobState, RankState
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from core_helpers import PYTHON, Core, gone, open_core, wait_for_file_line, wait_until
 
-from rankd.agent.supervisor import JobState, RankState
+from rankd.agent.model import JobState, RankState
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from core_helpers import Core, open_core, read_lines, wait_for_file_line
 
 from rankd.agent.logs import MAX_LINE, STDERR, STDOUT, AttemptLogs, LogLine, LogReader
-from rankd.agent.supervisor import JobState
+from rankd.agent.model import JobState
 
 ALL_KEYS = [(r, s) for r in range(4) for s in (STDOUT, STDERR)]
 

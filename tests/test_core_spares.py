@@ -4,7 +4,6 @@ ranks that did not run, removed when the agent stops, swept when an agent starts
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -17,8 +16,8 @@ from core_helpers import PYTHON, Core, open_core, wait_until
 
 from rankd.agent import spares
 from rankd.agent.errors import AlreadyExists
+from rankd.agent.model import RankState
 from rankd.agent.specs import JobSpec
-from rankd.agent.supervisor import RankState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,25 +183,33 @@ async def test_close_removes_the_spare_and_a_new_agent_sweeps_stale_ones(tmp_pat
     assert len(os.listdir(log_dir)) == 1  # the job's run directory, nothing else
 
 
+async def parked(made: spares.SpareDirs) -> None:
+    """Wait until the maker, in its thread, waits for a release."""
+    await wait_until(made.parked.is_set, 10.0, "the spare maker to wait while held")
+
+
 async def test_nothing_is_made_while_held_and_close_stops_a_held_maker(tmp_path: Path) -> None:
-    made = spares.SpareDirs(str(tmp_path))
+    made = spares.SpareDirs(str(tmp_path), delay=0.0)
     try:
         made.hold()  # as a Start or a Kill does
         made.prepare(3)
-        await asyncio.sleep(0.1)  # the maker got its turn: it waits without a trace
+        await parked(made)  # the maker got its turn: it waits without a trace
         assert spare_dirs(tmp_path) == []
         assert not made.take_run(3, str(tmp_path / "run"), "attempt_0")
         made.release()
         await ready_spare(tmp_path, 3)
+        assert not made.parked.is_set()
         assert made.take_run(3, str(tmp_path / "run"), "attempt_1")
         assert sorted(os.listdir(tmp_path / "run")) == ["attempt_1", "job.json"]
 
-        made.prepare(2)
-        await asyncio.sleep(0.02)  # the timer fired: the maker runs or waits
         made.hold()
+        made.prepare(2)
+        await parked(made)
     finally:
         made.close()  # wakes a held maker, which stops and removes what it made
+    assert not made.parked.is_set()  # it went on, and stopped
     assert spare_dirs(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 async def test_a_run_directory_name_that_is_taken_is_drawn_again(
@@ -215,7 +222,7 @@ async def test_a_run_directory_name_that_is_taken_is_drawn_again(
     squatter.mkdir()
     (squatter / "keep.txt").write_text("mine")
     names = iter(["00000000", "11111111"])
-    monkeypatch.setattr("rankd.agent.supervisor.secrets.token_hex", lambda n: next(names))
+    monkeypatch.setattr("rankd.agent.launch.secrets.token_hex", lambda n: next(names))
     attempt = await core.run(_spec("again", script, 1, "0"))
     run_dir = Path(core.sup.job("again").run_dir)
     assert run_dir.name == "again_11111111"

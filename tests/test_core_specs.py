@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -263,14 +264,14 @@ async def test_a_bug_while_spawning_still_leaves_nothing(
     # Not an OSError (a bug in the agent, simulated in its own code, not the OS's): the
     # exception reaches the caller as it is, and every rank the other lanes started is
     # killed and reaped all the same.
-    real = Supervisor._rank_env
+    real = procs.spawn
 
-    def broken(self: Supervisor, attempt: object, local_rank: int, error_file: str) -> object:
-        if local_rank == 7:
-            raise RuntimeError("bug in rank 7's environment")
-        return real(self, attempt, local_rank, error_file)  # type: ignore[arg-type]
+    def broken(argv: list[str], *, env: list[bytes], **kw: Any) -> int:
+        if b"LOCAL_RANK=7" in env:
+            raise RuntimeError("bug in rank 7's start")
+        return real(argv, env=env, **kw)
 
-    monkeypatch.setattr(Supervisor, "_rank_env", broken)
+    monkeypatch.setattr(procs, "spawn", broken)
     me = psutil.Process()
     before = {p.pid for p in me.children()}
     spec = JobSpec(job_id="bug", nprocs=12, entrypoint="/bin/sleep", args=("30",))

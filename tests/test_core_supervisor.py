@@ -17,8 +17,9 @@ import pytest
 from core_helpers import PYTHON, Core, file_lines, open_core, wait_for_file_line
 
 from rankd.agent.errors import AlreadyExists, JobNotFound, LimitExceeded
+from rankd.agent.model import JobState, RankState
 from rankd.agent.specs import JobSpec
-from rankd.agent.supervisor import JobState, RankState, Supervisor
+from rankd.agent.supervisor import Supervisor
 
 
 @pytest.fixture

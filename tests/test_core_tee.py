@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from core_helpers import Core, file_lines, open_core
 
-from rankd.agent.supervisor import Attempt, JobState
+from rankd.agent.model import Attempt, JobState
 
 
 @pytest.fixture

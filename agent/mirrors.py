@@ -1,0 +1,75 @@
+"""An attempt's mirrors: its ranks' lines copied, prefixed with their rank's header, to
+the agent's console (`tee`, limited by `local_ranks_filter`) and to the attempt's
+`filtered_stdout.log` / `filtered_stderr.log` (the lines holding one of the spec's
+duplicate filters), as torch's `TailLog` does. Each mirror is a task that follows the
+files until the attempt ends and it has written every line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import TextIO
+
+from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogReader
+from rankd.agent.model import Attempt
+from rankd.agent.specs import Std
+
+__all__ = ["FILTERED_FILES", "start_mirrors"]
+
+logger = logging.getLogger(__name__)
+
+FILTERED_FILES = {STDOUT: "filtered_stdout.log", STDERR: "filtered_stderr.log"}
+
+
+def start_mirrors(attempt: Attempt, console_out: TextIO, console_err: TextIO) -> None:
+    """Start the attempt's mirrors as tasks, kept in `attempt.mirrors` (see
+    `Attempt.drained`)."""
+    spec, logs = attempt.spec, attempt.logs
+    tee = spec.tee_map()
+    shown = spec.local_ranks_filter or frozenset(range(spec.nprocs))
+    for stream, flag, console in ((STDOUT, Std.OUT, console_out), (STDERR, Std.ERR, console_err)):
+        keys = [(r, stream) for r in range(spec.nprocs) if tee[r] & flag and r in shown]
+        if keys:
+            attempt.mirrors.append(
+                asyncio.ensure_future(_mirror(logs, keys, console, None, close=False))
+            )
+    for stream, needles in (
+        (STDOUT, spec.duplicate_stdout_filters),
+        (STDERR, spec.duplicate_stderr_filters),
+    ):
+        if needles:
+            keys = [(r, stream) for r in range(spec.nprocs)]
+            path = os.path.join(logs.attempt_dir, FILTERED_FILES[stream])
+            sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the mirror)
+            attempt.mirrors.append(
+                asyncio.ensure_future(_mirror(logs, keys, sink, _any_of(needles), close=True))
+            )
+
+
+def _any_of(needles: tuple[str, ...]) -> Callable[[str], bool]:
+    pattern = re.compile("|".join(re.escape(n) for n in needles))
+    return lambda text: pattern.search(text) is not None
+
+
+async def _mirror(
+    logs: AttemptLogs,
+    keys: list[tuple[int, int]],
+    sink: TextIO,
+    line_filter: Callable[[str], bool] | None,
+    *,
+    close: bool,
+) -> None:
+    """Copy lines, prefixed with their rank's header, to `sink` until the attempt ends."""
+    try:
+        async for batch in LogReader(logs, keys, follow=True, line_filter=line_filter).batches():
+            prefixes = logs.prefixes
+            sink.write("".join(f"{prefixes[ln.local_rank]}{ln.text}\n" for ln in batch))
+            sink.flush()
+    except Exception:
+        logger.exception("mirroring the output of %s failed", logs.attempt_dir)
+    finally:
+        if close:
+            sink.close()
