@@ -18,14 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rankd.client.agent_client import (
-        AgentClient,
-        AsyncAgentClient,
-        AsyncLogStream,
-        AsyncStatusWatch,
-        LogStream,
-        StatusWatch,
-    )
+    from rankd.client.agent_client import AgentClient, AsyncAgentClient
     from rankd.client.clock import ClockEstimator, ClockSample
     from rankd.client.cluster import AsyncCluster, Cluster
     from rankd.client.errors import (
@@ -44,6 +37,7 @@ if TYPE_CHECKING:
     from rankd.client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
     from rankd.client.report import FailureReport, RankFailure
     from rankd.client.results import NodeResult
+    from rankd.client.streams import AsyncLogStream, AsyncStatusWatch, LogStream, StatusWatch
     from rankd.client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress, torchrun_env
     from rankd.v1.agent_pb2 import JobSpec, JobStatus, LogLine
 
@@ -55,8 +49,8 @@ _WHERE = {
     "AlreadyExists": "rankd.client.errors",
     "AsyncAgentClient": "rankd.client.agent_client",
     "AsyncCluster": "rankd.client.cluster",
-    "AsyncLogStream": "rankd.client.agent_client",
-    "AsyncStatusWatch": "rankd.client.agent_client",
+    "AsyncLogStream": "rankd.client.streams",
+    "AsyncStatusWatch": "rankd.client.streams",
     "AuthenticationFailed": "rankd.client.errors",
     "ClockEstimator": "rankd.client.clock",
     "ClockSample": "rankd.client.clock",
@@ -72,7 +66,7 @@ _WHERE = {
     "LaunchConfig": "rankd.client.torchrun",
     "LaunchResult": "rankd.client.torchrun",
     "LogLine": "rankd.v1.agent_pb2",
-    "LogStream": "rankd.client.agent_client",
+    "LogStream": "rankd.client.streams",
     "Node": "rankd.client.nodes",
     "NodeListError": "rankd.client.errors",
     "NodeResult": "rankd.client.results",
@@ -80,7 +74,7 @@ _WHERE = {
     "Progress": "rankd.client.torchrun",
     "RankFailure": "rankd.client.report",
     "RankdError": "rankd.client.errors",
-    "StatusWatch": "rankd.client.agent_client",
+    "StatusWatch": "rankd.client.streams",
     "expand_hostlist": "rankd.client.nodes",
     "parse_nodes": "rankd.client.nodes",
     "read_hostfile": "rankd.client.nodes",

@@ -3,10 +3,10 @@
 Every call fans out to all nodes concurrently, so N nodes cost about one round
 trip; each node answers a :class:`NodeResult` (a value or its own error) within
 the RPC deadline, and a dead or slow node never holds up the others.
-``launch`` runs a whole multi-node job (see :mod:`client.launch`).
+``launch`` runs a whole multi-node job (see :mod:`rankd.client.launch`).
 
 Job statuses are event-driven: once asked about a job (``poll``, ``wait``), the
-cluster keeps one Watch stream per agent for it (:mod:`client.watches`) and
+cluster keeps one Watch stream per agent for it (:mod:`rankd.client.watches`) and
 answers ``poll`` from what the agents pushed, without a round trip; a node whose
 watch is down is polled as before while its watch reconnects. At most
 :data:`MAX_WATCHED_JOBS` jobs are watched; the least recently asked one is dropped.
@@ -27,17 +27,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
+import rankd.client.rpc as rpc
 from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
 from rankd.client.errors import AgentTimeout, RankdError
 from rankd.client.launch import run_launch
 from rankd.client.nodes import Node, parse_nodes
 from rankd.client.results import NodeResult
-from rankd.client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress
+from rankd.client.torchrun import LaunchOptions, LaunchResult, launch_settings
 from rankd.client.watches import NodeWatch
+from rankd.v1 import agent_pb2
 
 __all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
 
@@ -108,11 +110,13 @@ class AsyncCluster:
             ranks = range(len(self.nodes))
         return list(await asyncio.gather(*(one(i) for i in ranks)))
 
-    async def info(self) -> builtins.list[NodeResult[Any]]:
+    async def info(self) -> builtins.list[NodeResult[agent_pb2.InfoResponse]]:
         """Every agent's ``InfoResponse`` (also a clock sample per agent)."""
         return await self.fan_out(lambda c: c.info())
 
-    async def poll(self, job_id: str, *, fresh: bool = False) -> builtins.list[NodeResult[Any]]:
+    async def poll(
+        self, job_id: str, *, fresh: bool = False
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """The job's ``JobStatus`` on every node.
 
         Watch-fed: from the first call on, every node's status comes from its Watch
@@ -135,13 +139,13 @@ class AsyncCluster:
 
     async def _fresh_polls(
         self, job_id: str, ranks: Sequence[int]
-    ) -> builtins.list[NodeResult[Any]]:
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """Unary Polls of the nodes in ``ranks``, concurrently; their answers also
         refresh the nodes' watches."""
         watches = self._watches.get(job_id)
 
-        async def one(i: int) -> Any:
-            resp = await self.clients[i]._poll(job_id)
+        async def one(i: int) -> agent_pb2.JobStatus:
+            resp = await self.clients[i].call(rpc.poll(job_id))
             if watches is not None:
                 watches[i].offer(resp.job, resp.version)
                 watches[i].kick()
@@ -181,13 +185,13 @@ class AsyncCluster:
             task.add_done_callback(self._dropped.discard)
         return watches
 
-    async def list(self) -> builtins.list[NodeResult[builtins.list[Any]]]:
+    async def list(self) -> builtins.list[NodeResult[builtins.list[agent_pb2.JobStatus]]]:
         """Every node's jobs."""
         return await self.fan_out(lambda c: c.list())
 
     async def wait(
         self, job_id: str, *, timeout: float | None = None
-    ) -> builtins.list[NodeResult[Any]]:
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """Wait until the job has ended on every node; final ``JobStatus`` per node.
 
         Event-driven on the job's watches (see :meth:`poll`); a node whose watch
@@ -197,7 +201,7 @@ class AsyncCluster:
         watches = self._watch(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        async def one(i: int) -> Any:
+        async def one(i: int) -> agent_pb2.JobStatus:
             watch = watches[i]
             while True:
                 if watch.live and watch.ended:
@@ -221,53 +225,35 @@ class AsyncCluster:
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
-    ) -> builtins.list[NodeResult[Any]]:
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """Kill the job on every node; ``JobStatus`` after the kill per node.
 
         A later watch-fed :meth:`poll` shows at least the states these answers show."""
         watches = self._watches.get(job_id)
+        op = rpc.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
 
-        async def one(i: int) -> Any:
-            resp = await self.clients[i]._kill(
-                job_id, signal=signal, timeout=timeout, escalate=escalate
-            )
+        async def one(i: int) -> agent_pb2.JobStatus:
+            resp = await self.clients[i].call(op)
             if watches is not None:
                 watches[i].offer(resp.job, resp.version)
             return resp.job
 
         return await self._each(one)
 
-    async def launch(
-        self,
-        cmd: Sequence[str],
-        *,
-        on_line: Callable[[OutputLine], None] | None = None,
-        on_event: Callable[[str], None] | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        progress_interval: float = 1.0,
-        stdout: IO[str] | None = None,
-        stderr: IO[str] | None = None,
-        **options: Any,
-    ) -> LaunchResult:
-        """Run ``cmd`` on every node; see :func:`client.launch.run_launch`.
+    async def launch(self, cmd: Sequence[str], **options: Unpack[LaunchOptions]) -> LaunchResult:
+        """Run ``cmd`` on every node; see :func:`rankd.client.launch.run_launch`.
 
-        ``options`` are the fields of :class:`client.torchrun.LaunchConfig`
-        (``nproc_per_node``, ``run_id``, ``max_restarts``, ``redirects``, ``tee``,
-        ``local_ranks_filter``, ``log_line_prefix_template``, ``master_addr``,
-        ``master_port``, ``role_name``, ``env``, ``cwd``, ``kill_timeout``).
+        ``options`` (:class:`rankd.client.torchrun.LaunchOptions`) are the fields of
+        :class:`~rankd.client.torchrun.LaunchConfig` (``nproc_per_node``, ``run_id``,
+        ``max_restarts``, ``redirects``, ``tee``, ``local_ranks_filter``,
+        ``log_line_prefix_template``, ``master_addr``, ``master_port``, ``role_name``,
+        ``env``, ``cwd``, ``kill_timeout``) and of
+        :class:`~rankd.client.torchrun.LaunchHooks` (``on_line``, ``on_event``,
+        ``on_progress``, ``progress_interval``, ``stdout``, ``stderr``).
         Raises ``JobFailed`` with the report when the job failed.
         """
-        config = LaunchConfig(cmd=tuple(cmd), **options)
-        return await run_launch(
-            self,
-            config,
-            on_line=on_line,
-            on_event=on_event,
-            on_progress=on_progress,
-            progress_interval=progress_interval,
-            stdout=stdout,
-            stderr=stderr,
-        )
+        config, hooks = launch_settings(cmd, options)
+        return await run_launch(self, config, hooks)
 
     async def close(self) -> None:
         """Stop every watch, then close the channels. Idempotent."""
@@ -381,21 +367,25 @@ class Cluster:
     def clients(self) -> builtins.list[AsyncAgentClient]:
         return self._async.clients
 
-    def info(self) -> builtins.list[NodeResult[Any]]:
+    def info(self) -> builtins.list[NodeResult[agent_pb2.InfoResponse]]:
         return self._runner.run(self._async.info())
 
-    def poll(self, job_id: str, *, fresh: bool = False) -> builtins.list[NodeResult[Any]]:
+    def poll(
+        self, job_id: str, *, fresh: bool = False
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """See :meth:`AsyncCluster.poll`: watch-fed unless ``fresh``."""
         return self._runner.run(self._async.poll(job_id, fresh=fresh))
 
-    def list(self) -> builtins.list[NodeResult[builtins.list[Any]]]:
+    def list(self) -> builtins.list[NodeResult[builtins.list[agent_pb2.JobStatus]]]:
         return self._runner.run(self._async.list())
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> bool:
         """See :meth:`AsyncCluster.watch`."""
         return self._runner.run(self._async.watch(job_id, timeout=timeout))
 
-    def wait(self, job_id: str, *, timeout: float | None = None) -> builtins.list[NodeResult[Any]]:
+    def wait(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         return self._runner.run(self._async.wait(job_id, timeout=timeout))
 
     def kill(
@@ -405,38 +395,18 @@ class Cluster:
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
-    ) -> builtins.list[NodeResult[Any]]:
+    ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         return self._runner.run(
             self._async.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
         )
 
-    def launch(
-        self,
-        cmd: Sequence[str],
-        *,
-        on_line: Callable[[OutputLine], None] | None = None,
-        on_event: Callable[[str], None] | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
-        progress_interval: float = 1.0,
-        stdout: IO[str] | None = None,
-        stderr: IO[str] | None = None,
-        **options: Any,
-    ) -> LaunchResult:
-        """Blocking :meth:`AsyncCluster.launch`. Ctrl-C kills the job everywhere,
-        then raises ``KeyboardInterrupt``."""
-        kill_timeout = float(options.get("kill_timeout", LaunchConfig.kill_timeout))
+    def launch(self, cmd: Sequence[str], **options: Unpack[LaunchOptions]) -> LaunchResult:
+        """Blocking :meth:`AsyncCluster.launch`; launch callbacks run on the loop
+        thread. Ctrl-C kills the job everywhere, then raises ``KeyboardInterrupt``."""
+        config, hooks = launch_settings(cmd, options)
         return self._runner.run(
-            self._async.launch(
-                cmd,
-                on_line=on_line,
-                on_event=on_event,
-                on_progress=on_progress,
-                progress_interval=progress_interval,
-                stdout=stdout,
-                stderr=stderr,
-                **options,
-            ),
-            cleanup_timeout=kill_timeout + 2 * self._async.timeout,
+            run_launch(self._async, config, hooks),
+            cleanup_timeout=config.kill_timeout + 2 * self._async.timeout,
         )
 
     def close(self) -> None:

@@ -185,7 +185,7 @@ def cluster_error(action: str, errors: Mapping[str, Exception], total: int) -> C
 class JobFailed(RankdError):
     """A launched job failed (after all its restarts).
 
-    ``report`` is the :class:`client.report.FailureReport`; ``str(err)`` is its
+    ``report`` is the :class:`rankd.client.report.FailureReport`; ``str(err)`` is its
     formatted text, root cause first.
     """
 

@@ -12,9 +12,12 @@
   kills the job on every node (SIGTERM, SIGKILL after ``kill_timeout``).
 - ``max_restarts``: a failed attempt is stopped everywhere and attempt
   ``restart_count + 1`` starts on every node, up to ``max_restarts`` times.
-- Failure: :class:`client.errors.JobFailed` with the :mod:`client.report`.
+- Failure: :class:`rankd.client.errors.JobFailed` with the :mod:`rankd.client.report`.
 - Cancellation (Ctrl-C): the job is killed on every node, then the
   cancellation propagates.
+
+A launch drives a :class:`Fleet`, the few things it needs of an ``AsyncCluster``,
+so this module does not depend on the cluster that calls it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from string import Template
-from typing import IO, TYPE_CHECKING, Any
+from typing import Protocol
 
+from rankd.client.agent_client import AsyncAgentClient
 from rankd.client.errors import AgentError, JobFailed, JobNotFound, RankdError, cluster_error
+from rankd.client.nodes import Node
 from rankd.client.report import FailureReport, NodeView, RankFailure, build_report
+from rankd.client.results import NodeResult
+from rankd.client.streams import StreamOptions, follow_to_end
 from rankd.client.torchrun import (
     DEFAULT_PREFIX_TEMPLATE,
     LaunchConfig,
+    LaunchHooks,
     LaunchResult,
     OutputLine,
     Progress,
@@ -41,10 +49,7 @@ from rankd.client.torchrun import (
 )
 from rankd.v1 import agent_pb2
 
-if TYPE_CHECKING:
-    from rankd.client.cluster import AsyncCluster
-
-__all__ = ["run_launch"]
+__all__ = ["Fleet", "run_launch"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,33 +58,36 @@ _LOST_AFTER = 3
 _STD_BITS = {"stdout": 1, "stderr": 2}
 
 
+class Fleet(Protocol):
+    """The agents a launch drives (an ``AsyncCluster``): in node order, their
+    addresses, display names and clients, and the fanned-out calls it makes."""
+
+    @property
+    def nodes(self) -> Sequence[Node]: ...
+
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    @property
+    def clients(self) -> Sequence[AsyncAgentClient]: ...
+
+    async def info(self) -> list[NodeResult[agent_pb2.InfoResponse]]: ...
+
+    async def poll(self, job_id: str) -> list[NodeResult[agent_pb2.JobStatus]]: ...
+
+
 class _Launch:
     """The state of one ``launch`` call."""
 
-    def __init__(
-        self,
-        cluster: AsyncCluster,
-        config: LaunchConfig,
-        *,
-        on_line: Callable[[OutputLine], None] | None,
-        on_event: Callable[[str], None] | None,
-        on_progress: Callable[[Progress], None] | None,
-        progress_interval: float,
-        stdout: IO[str] | None,
-        stderr: IO[str] | None,
-    ) -> None:
+    def __init__(self, cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -> None:
         self.cluster = cluster
         self.config = config
+        self.hooks = hooks
         self.run_id = config.run_id or new_run_id()
         self.nnodes = len(cluster.nodes)
         self.world_size = self.nnodes * config.nproc_per_node
         self.template = config.log_line_prefix_template or DEFAULT_PREFIX_TEMPLATE
-        self._on_line = on_line
-        self._on_event = on_event
-        self.on_progress = on_progress
-        self.interval = progress_interval if on_progress else 2.0
-        self._stdout = stdout
-        self._stderr = stderr
+        self.interval = hooks.progress_interval if hooks.on_progress else 2.0
         self._redirects = parse_std(config.redirects, "redirects")
         self._tee = parse_std(config.tee, "tee")
         self._prefixes: dict[tuple[int, int], str] = {}
@@ -87,8 +95,8 @@ class _Launch:
     # -- output ---------------------------------------------------------------
 
     def event(self, message: str) -> None:
-        if self._on_event is not None:
-            self._on_event(message)
+        if self.hooks.on_event is not None:
+            self.hooks.on_event(message)
         else:
             logger.info("%s", message)
 
@@ -111,13 +119,13 @@ class _Launch:
             )
         return self._prefixes[key]
 
-    def emit(self, node_rank: int, line: Any, restart_count: int) -> None:
+    def emit(self, node_rank: int, line: agent_pb2.LogLine, restart_count: int) -> None:
         stream = "stderr" if line.stream == agent_pb2.STDERR else "stdout"
         if not self.visible(line.local_rank, stream):
             return
         prefix = self.prefix(node_rank, line.local_rank)
-        if self._on_line is not None:
-            self._on_line(
+        if self.hooks.on_line is not None:
+            self.hooks.on_line(
                 OutputLine(
                     host=self.cluster.names[node_rank],
                     node_rank=node_rank,
@@ -131,13 +139,16 @@ class _Launch:
                 )
             )
             return
-        out = (self._stderr or sys.stderr) if stream == "stderr" else (self._stdout or sys.stdout)
+        hooks = self.hooks
+        out = (hooks.stderr or sys.stderr) if stream == "stderr" else (hooks.stdout or sys.stdout)
         out.write(f"{prefix}{line.text}\n")
         out.flush()
 
     # -- specs ----------------------------------------------------------------
 
-    def spec(self, node_rank: int, restart_count: int, master_addr: str, port: int) -> Any:
+    def spec(
+        self, node_rank: int, restart_count: int, master_addr: str, port: int
+    ) -> agent_pb2.JobSpec:
         cfg = self.config
         common, per_rank = torchrun_env(
             node_rank=node_rank,
@@ -175,15 +186,22 @@ class _Launch:
             spec.rank_env[local_rank].env.update(env)
         return spec
 
-    def stream_filter(self) -> dict[str, Any]:
+    def stream_options(self, restart_count: int) -> StreamOptions:
+        """What a node's log stream of this attempt follows: the terminal's lines."""
         streams = [
             s
             for s in ("stdout", "stderr")
             if any(self.visible(r, s) for r in range(self.config.nproc_per_node))
         ]
-        if not streams:  # nothing for the terminal: follow only for the end
-            return {"ranks": [0], "streams": ["stdout"], "regex": "(?!)"}
-        return {"ranks": list(self.config.local_ranks_filter), "streams": streams}
+        options = (
+            follow_to_end()  # nothing for the terminal: follow only for the end
+            if not streams
+            else StreamOptions(
+                follow=True, ranks=list(self.config.local_ranks_filter), streams=streams
+            )
+        )
+        options["restart_count"] = restart_count
+        return options
 
     # -- the run ----------------------------------------------------------------
 
@@ -199,10 +217,10 @@ class _Launch:
         try:
             while True:
                 port = self.config.master_port or infos[0].free_port
-                statuses, report = await self.attempt(restart_count, master_addr, port)
-                if report is None:
+                report = await self.attempt(restart_count, master_addr, port)
+                if not isinstance(report, FailureReport):
                     self.event(f"job {self.run_id} succeeded (attempt {restart_count})")
-                    return LaunchResult(self.run_id, restart_count, self.world_size, statuses)
+                    return LaunchResult(self.run_id, restart_count, self.world_size, report)
                 if restart_count >= self.config.max_restarts or report.node_errors:
                     raise JobFailed(report)
                 restart_count += 1
@@ -235,10 +253,12 @@ class _Launch:
 
         await asyncio.gather(*(one(i) for i in ranks))
 
-    async def start(self, restart_count: int, master_addr: str, port: int) -> list[Any]:
+    async def start(
+        self, restart_count: int, master_addr: str, port: int
+    ) -> list[agent_pb2.JobStatus]:
         specs = [self.spec(i, restart_count, master_addr, port) for i in range(self.nnodes)]
 
-        async def one(i: int) -> Any:
+        async def one(i: int) -> agent_pb2.StartResponse:
             return await self.cluster.clients[i].start(specs[i])
 
         results = await asyncio.gather(
@@ -266,8 +286,8 @@ class _Launch:
 
     async def attempt(
         self, restart_count: int, master_addr: str, port: int
-    ) -> tuple[tuple[Any, ...], FailureReport | None]:
-        """Run one attempt everywhere; (final statuses, report or None on success)."""
+    ) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
+        """Run one attempt everywhere: each node's final status, or the report."""
         self.event(
             f"attempt {restart_count}: starting job {self.run_id}, "
             f"{_count(self.world_size, 'rank')} on {_count(self.nnodes, 'node')} "
@@ -286,7 +306,7 @@ class _Attempt:
         self.cluster = launch.cluster
         self.restart_count = restart_count
         n = launch.nnodes
-        self.finals: list[Any] = [None] * n
+        self.finals: list[agent_pb2.JobStatus | None] = [None] * n
         self.lost: dict[int, str] = {}
         self.failed = asyncio.Event()
         self.first_failure: str | None = None
@@ -301,12 +321,8 @@ class _Attempt:
         client = self.cluster.clients[i]
         name = self.cluster.names[i]
         try:
-            async with client.stream(
-                self.launch.run_id,
-                follow=True,
-                restart_count=self.restart_count,
-                **self.launch.stream_filter(),
-            ) as lines:
+            options = self.launch.stream_options(self.restart_count)
+            async with client.stream(self.launch.run_id, **options) as lines:
                 async for line in lines:
                     self.launch.emit(i, line, self.restart_count)
                 self.finals[i] = lines.final
@@ -318,10 +334,11 @@ class _Attempt:
             self.fail(f"error while following {name}: {err!r}")
             raise
         final = self.finals[i]
+        assert final is not None  # a follow stream that ran to its end carries the status
         if final.state != agent_pb2.SUCCEEDED:
             self.fail(self.describe_end(i, final))
 
-    def describe_end(self, i: int, final: Any) -> str:
+    def describe_end(self, i: int, final: agent_pb2.JobStatus) -> str:
         """``global rank 3 on host02 failed: exit code 1`` (or the job's reason)."""
         name = self.cluster.names[i]
         own = [f for f in final.failures if not f.terminated_by_agent]
@@ -352,8 +369,8 @@ class _Attempt:
                     self.lost[i] = f"not answering: {result.error}"
                     followers[i].cancel()
                     self.fail(f"node {self.cluster.names[i]} lost: {result.error}")
-            if self.launch.on_progress is not None:
-                self.launch.on_progress(
+            if self.launch.hooks.on_progress is not None:
+                self.launch.hooks.on_progress(
                     Progress(
                         restart_count=self.restart_count,
                         world_size=self.launch.world_size,
@@ -369,7 +386,8 @@ class _Attempt:
         await self.failed.wait()
         await self.launch.kill_everywhere()
 
-    async def run(self) -> tuple[tuple[Any, ...], FailureReport | None]:
+    async def run(self) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
+        """Each node's final status when every rank succeeded, else the report."""
         n = self.launch.nnodes
         followers = [asyncio.create_task(self.follow(i)) for i in range(n)]
         watcher = asyncio.create_task(self.watch(followers))
@@ -391,10 +409,10 @@ class _Attempt:
                 status = result.unwrap()
                 if status.restart_count == self.restart_count:
                     self.finals[i] = status
-        statuses = tuple(self.finals)
-        if not self.lost and all(s.state == agent_pb2.SUCCEEDED for s in statuses):
-            return statuses, None
-        return statuses, self.report()
+        succeeded = [s for s in self.finals if s is not None and s.state == agent_pb2.SUCCEEDED]
+        if not self.lost and len(succeeded) == len(self.finals):
+            return tuple(succeeded)
+        return self.report()
 
     def report(self) -> FailureReport:
         views = [
@@ -428,36 +446,12 @@ def _root_line(report: FailureReport) -> str:
     return f"global rank {root.global_rank} on {root.node}: {root.summary()}"
 
 
-async def run_launch(
-    cluster: AsyncCluster,
-    config: LaunchConfig,
-    *,
-    on_line: Callable[[OutputLine], None] | None = None,
-    on_event: Callable[[str], None] | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    progress_interval: float = 1.0,
-    stdout: IO[str] | None = None,
-    stderr: IO[str] | None = None,
-) -> LaunchResult:
-    """Run one job on every node of ``cluster`` until it succeeds or gives up.
+async def run_launch(cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -> LaunchResult:
+    """Run one job on every node of ``cluster`` until it succeeds or gives up;
+    its output goes where ``hooks`` say.
 
-    ``on_line`` gets every terminal-visible :class:`OutputLine` (default: write
-    ``prefix + text`` to ``stdout``/``stderr``, the process's own by default);
-    ``on_event`` one-line notices (attempt started, failure, restart; default:
-    the module logger); ``on_progress`` a :class:`Progress` every
-    ``progress_interval`` seconds. Raises ``ClusterError`` when a node cannot
-    be reached or refuses the job (``AuthenticationFailed``, a ``ClusterError``,
-    when a node refused this client's token, TLS settings or permissions),
-    ``JobFailed`` when the job failed.
+    Raises ``ClusterError`` when a node cannot be reached or refuses the job
+    (``AuthenticationFailed``, a ``ClusterError``, when a node refused this
+    client's token, TLS settings or permissions), ``JobFailed`` when the job failed.
     """
-    launch = _Launch(
-        cluster,
-        config,
-        on_line=on_line,
-        on_event=on_event,
-        on_progress=on_progress,
-        progress_interval=progress_interval,
-        stdout=stdout,
-        stderr=stderr,
-    )
-    return await launch.run()
+    return await _Launch(cluster, config, hooks).run()

@@ -9,7 +9,7 @@ fold into one entry (``global ranks 4-127 (host03, host04): Signal 15 (SIGTERM)`
 Rules, stated once:
 
 - Timestamps are corrected onto the client's clock with each agent's estimated
-  offset (:mod:`client.clock`), so failures order across nodes.
+  offset (:mod:`rankd.client.clock`), so failures order across nodes.
 - Root cause = the earliest corrected failure among ranks that failed on their
   own (not ``terminated_by_agent``); when every rank was terminated (a Kill),
   the earliest of all.

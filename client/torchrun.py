@@ -1,24 +1,33 @@
 """The torchrun side of a launch: its settings, its environment, its Std values.
 
-:class:`LaunchConfig` holds what ``torchrun`` takes as flags; :func:`torchrun_env`
-is the environment torchrun gives every worker; :func:`parse_std` reads torch's
-``Std`` syntax for redirects and tee. Pure data and functions: no I/O.
+:class:`LaunchConfig` holds what ``torchrun`` takes as flags; :class:`LaunchHooks`
+where the launch's output goes; :class:`LaunchOptions` is both, as the keyword
+arguments of ``launch``; :func:`torchrun_env` is the environment torchrun gives
+every worker; :func:`parse_std` reads torch's ``Std`` syntax for redirects and tee.
+Pure data and functions: no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from string import Template
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from rankd.v1 import agent_pb2
 
 __all__ = [
     "DEFAULT_PREFIX_TEMPLATE",
     "LaunchConfig",
+    "LaunchHooks",
+    "LaunchOptions",
     "LaunchResult",
     "OutputLine",
     "Progress",
+    "launch_settings",
     "new_run_id",
     "parse_std",
     "torchrun_defaults",
@@ -162,7 +171,63 @@ class LaunchResult:
     job_id: str
     restart_count: int
     world_size: int
-    statuses: tuple[Any, ...]
+    statuses: tuple[agent_pb2.JobStatus, ...]
+
+
+@dataclass(frozen=True)
+class LaunchHooks:
+    """Where a launch's output goes.
+
+    ``on_line`` gets every terminal-visible :class:`OutputLine` (default: write
+    ``prefix + text`` to ``stdout``/``stderr``, the process's own by default);
+    ``on_event`` one-line notices (attempt started, failure, restart; default: the
+    launch module's logger); ``on_progress`` a :class:`Progress` every
+    ``progress_interval`` seconds.
+    """
+
+    on_line: Callable[[OutputLine], None] | None = None
+    on_event: Callable[[str], None] | None = None
+    on_progress: Callable[[Progress], None] | None = None
+    progress_interval: float = 1.0
+    stdout: IO[str] | None = None
+    stderr: IO[str] | None = None
+
+
+class LaunchOptions(TypedDict, total=False):
+    """The keyword arguments of ``launch``: the fields of :class:`LaunchConfig`
+    (but ``cmd``) and of :class:`LaunchHooks`; defaults are theirs."""
+
+    nproc_per_node: int
+    run_id: str | None
+    max_restarts: int
+    redirects: str
+    tee: str
+    local_ranks_filter: Sequence[int]
+    log_line_prefix_template: str | None
+    master_addr: str | None
+    master_port: int | None
+    role_name: str
+    env: Mapping[str, str]
+    cwd: str
+    kill_timeout: float
+    on_line: Callable[[OutputLine], None] | None
+    on_event: Callable[[str], None] | None
+    on_progress: Callable[[Progress], None] | None
+    progress_interval: float
+    stdout: IO[str] | None
+    stderr: IO[str] | None
+
+
+_HOOK_FIELDS = frozenset(f.name for f in dataclasses.fields(LaunchHooks))
+
+
+def launch_settings(cmd: Sequence[str], options: LaunchOptions) -> tuple[LaunchConfig, LaunchHooks]:
+    """``launch``'s arguments as the job's config and the caller's hooks. A name that
+    is neither is a ``TypeError``, as for any unexpected keyword argument; a bad value
+    a ``ValueError`` (see :class:`LaunchConfig`)."""
+    given: dict[str, Any] = dict(options)
+    hooks = LaunchHooks(**{name: given.pop(name) for name in _HOOK_FIELDS & given.keys()})
+    return LaunchConfig(cmd=tuple(cmd), **given), hooks
 
 
 def torchrun_env(

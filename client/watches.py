@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from rankd.client.agent_client import AsyncAgentClient
 from rankd.client.errors import AgentError, AgentTimeout, AgentUnavailable, RankdError
+from rankd.v1 import agent_pb2
 
 __all__ = ["HEARTBEAT", "MAX_BACKOFF", "STALE_AFTER", "NodeWatch", "ended"]
 
@@ -36,7 +36,7 @@ MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 
 
-def ended(status: Any) -> bool:
+def ended(status: agent_pb2.JobStatus) -> bool:
     """Has the attempt of this ``JobStatus`` ended (every rank exited)?"""
     return bool(status.ranks) and all(r.HasField("exit_code") for r in status.ranks)
 
@@ -53,7 +53,7 @@ class NodeWatch:
         self.client = client
         self.job_id = job_id
         self.live = False
-        self.status: Any = None
+        self.status: agent_pb2.JobStatus | None = None
         self.version = 0
         self.ended = False
         self.error: RankdError | None = None
@@ -64,13 +64,15 @@ class NodeWatch:
             self._run(), name=f"rankd-watch {job_id}@{client.address}"
         )
 
-    def snapshot(self) -> Any:
-        """A copy of the latest status (callers may change theirs freely)."""
-        copy = type(self.status)()
-        copy.CopyFrom(self.status)
+    def snapshot(self) -> agent_pb2.JobStatus:
+        """A copy of the latest status (callers may change theirs freely); only
+        while ``live``."""
+        copy = agent_pb2.JobStatus()
+        if self.status is not None:
+            copy.CopyFrom(self.status)
         return copy
 
-    def offer(self, status: Any, version: int) -> None:
+    def offer(self, status: agent_pb2.JobStatus, version: int) -> None:
         """A status from a unary answer (Poll, Kill) at `version`: kept when it is
         newer than what the watch holds, so that a caller reads its own writes."""
         if self.live and version > self.version:
@@ -106,7 +108,7 @@ class NodeWatch:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
-    def _set(self, status: Any, version: int, is_ended: bool) -> None:
+    def _set(self, status: agent_pb2.JobStatus, version: int, is_ended: bool) -> None:
         self.status, self.version, self.ended = status, version, is_ended
         self.live, self.error = True, None
         self._notify()

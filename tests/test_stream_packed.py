@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from conftest import AgentProcess, wait_until
 
-from rankd.client.agent_client import unpack_block
+from rankd.client.streams import unpack_block
 from rankd.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
