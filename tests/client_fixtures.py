@@ -1,26 +1,25 @@
 """Helpers for the client tests: real `rankd-agent` processes on loopback.
 
-Each agent's stdout is drained on a thread (the agent mirrors `tee` output there,
-and an undrained pipe would block it); the fixtures always stop the agents.
+Agents start through :mod:`rankd.testing` (the one way to start them): each agent's
+stdout is drained on a thread and kept in `Agent.output`; the fixtures always stop them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-AGENT_BIN = str(Path(sys.executable).with_name("rankd-agent"))
+from rankd.testing import LocalAgent, agent_command, local_agents
+from rankd.testing import start_agent as start_local_agent
+
+AGENT_BIN = agent_command()[0]  # the `rankd-agent` script beside the venv's python
 RANKD_BIN = str(Path(sys.executable).with_name("rankd"))
 PYTHON = sys.executable
 
@@ -34,16 +33,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
-@dataclass
-class Agent:
-    proc: subprocess.Popen[str]
-    address: str
-    log_dir: Path
-    output: list[str] = field(default_factory=list)
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+class Agent(LocalAgent):
+    """A local agent (`rankd.testing.LocalAgent`) that can name its ranks."""
 
     def workers(self, marker: str) -> list[psutil.Process]:
         """Live descendants of the agent whose command line contains ``marker`` (a
@@ -53,15 +44,6 @@ class Agent:
         except psutil.NoSuchProcess:
             return []
         return [k for k in kids if _alive(k) and marker in " ".join(_cmdline(k))]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
@@ -79,39 +61,15 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def start_agent(log_dir: Path, *extra: str) -> Agent:
-    proc = subprocess.Popen(
-        [AGENT_BIN, "--port", "0", "--log-dir", str(log_dir), "--log-level", "WARNING", *extra],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"rankd-agent did not start: first line {line!r}")
-    agent = Agent(proc, line.split()[-1], log_dir)
-    stdout = proc.stdout
-
-    def drain() -> None:
-        for out in stdout:
-            agent.output.append(out)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return agent
+    """One agent on 127.0.0.1 with a free port, logging to ``log_dir``; the caller stops it."""
+    return Agent.adopt(start_local_agent(log_dir, *extra))
 
 
 def agents(tmp_path: Path, count: int) -> Iterator[list[Agent]]:
-    """Start ``count`` agents (each with its own log dir); stop them all afterwards."""
-    started: list[Agent] = []
-    try:
-        for i in range(count):
-            started.append(start_agent(tmp_path / f"node{i}"))
-        yield started
-    finally:
-        for agent in started:
-            agent.stop()
+    """Start ``count`` agents (agent i logs to ``tmp_path/node<i>``); stop them all
+    afterwards, with whatever they started."""
+    with local_agents(count, log_dir=tmp_path) as started:
+        yield [Agent.adopt(a) for a in started]
 
 
 def closed_port() -> int:

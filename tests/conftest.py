@@ -1,22 +1,24 @@
-"""Shared fixtures: real `rankd-agent` processes on loopback, worker scripts in tmp_path."""
+"""Shared fixtures: real `rankd-agent` processes on loopback, worker scripts in tmp_path.
+
+Agents start through :mod:`rankd.testing`, the one way to start them (also what the
+``rankd_cluster`` fixture of rankd's pytest plugin uses)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import grpc
 import pytest
 
+from rankd.testing import STOP_TIMEOUT, LocalAgent, agent_command
+from rankd.testing import start_agent as start_local_agent
 from rankd.v1 import agent_pb2_grpc
 
-AGENT_BIN = str(Path(sys.executable).with_name("rankd-agent"))
+AGENT_BIN = agent_command()[0]  # the `rankd-agent` script beside the venv's python
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
@@ -28,43 +30,31 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
         time.sleep(0.01)
 
 
-@dataclass
-class AgentProcess:
-    proc: subprocess.Popen[str]
-    address: str
-    log_dir: Path
-    channel: grpc.Channel
-    stub: agent_pb2_grpc.NodeAgentStub
+class AgentProcess(LocalAgent):
+    """A local agent with a gRPC channel and a `NodeAgent` stub to it (made on first use,
+    closed by `stop`)."""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+    @cached_property
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    @cached_property
+    def stub(self) -> agent_pb2_grpc.NodeAgentStub:
+        return agent_pb2_grpc.NodeAgentStub(self.channel)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """See `LocalAgent.stop`; also closes the channel."""
         try:
-            return self.proc.wait(timeout)
+            return super().stop(sig, timeout)
         finally:
-            self.channel.close()
+            if "channel" in self.__dict__:
+                self.channel.close()
 
 
 def start_agent(log_dir: Path, *extra: str, cwd: Path | None = None) -> AgentProcess:
-    """Start a real `rankd-agent` on 127.0.0.1 with a free port; read its address from
-    the first stdout line."""
-    proc = subprocess.Popen(
-        [AGENT_BIN, "--port", "0", "--log-dir", str(log_dir), "--log-level", "WARNING", *extra],
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
-        start_new_session=True,
-        cwd=cwd,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the agent prints it first, flushed; EOF if it died
-    if not line.startswith("listening on "):
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"rankd-agent did not start: first line {line!r}")
-    address = line.split()[-1]
-    channel = grpc.insecure_channel(address)
-    return AgentProcess(proc, address, log_dir, channel, agent_pb2_grpc.NodeAgentStub(channel))
+    """Start a real `rankd-agent` on 127.0.0.1 with a free port (`rankd.testing`)."""
+    local = start_local_agent(log_dir, *extra, cwd=cwd)
+    return AgentProcess.adopt(local)
 
 
 @pytest.fixture
@@ -73,11 +63,7 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     try:
         yield handle
     finally:
-        if handle.proc.poll() is None:
-            handle.stop()
-        if handle.proc.poll() is None:
-            os.killpg(handle.proc.pid, signal.SIGKILL)
-            handle.proc.wait()
+        handle.stop()
 
 
 @pytest.fixture
