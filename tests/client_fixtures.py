@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -65,6 +66,7 @@ def start_agent(log_dir: Path, *extra: str) -> Agent:
     return Agent.adopt(start_local_agent(log_dir, *extra))
 
 
+@contextmanager
 def agents(tmp_path: Path, count: int) -> Iterator[list[Agent]]:
     """Start ``count`` agents (agent i logs to ``tmp_path/node<i>``); stop them all
     afterwards, with whatever they started."""

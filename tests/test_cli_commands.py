@@ -37,9 +37,8 @@ while True:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    gen = agents(tmp_path, 2)
-    yield next(gen)
-    next(gen, None)
+    with agents(tmp_path, 2) as started:
+        yield started
 
 
 def write(tmp_path: Path, name: str, body: str) -> str:

@@ -58,9 +58,8 @@ for i in range(n):
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Agent]:
-    gen = agents(tmp_path, 1)
-    yield next(gen)[0]
-    next(gen, None)
+    with agents(tmp_path, 1) as (agent,):
+        yield agent
 
 
 def spec(job_id: str, script: Path, *args: str, nprocs: int = 2) -> agent_pb2.JobSpec:

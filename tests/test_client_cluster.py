@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -104,16 +105,13 @@ print("e", file=sys.stderr, flush=True)
 
 @pytest.fixture
 def start_nodes(tmp_path: Path) -> Iterator[Callable[[int], list[Agent]]]:
-    gens: list[Iterator[list[Agent]]] = []
+    with contextlib.ExitStack() as stack:
+        clusters = itertools.count()
 
-    def start(count: int) -> list[Agent]:
-        gen = agents(tmp_path / f"cluster{len(gens)}", count)
-        gens.append(gen)
-        return next(gen)
+        def start(count: int) -> list[Agent]:
+            return stack.enter_context(agents(tmp_path / f"cluster{next(clusters)}", count))
 
-    yield start
-    for gen in gens:
-        next(gen, None)
+        yield start
 
 
 def write(tmp_path: Path, name: str, body: str) -> str:

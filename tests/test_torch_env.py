@@ -21,16 +21,15 @@ from torch_fixtures import (
     write,
 )
 
+pytest.importorskip("torch", reason="runs torchrun; the torch extra (make test) installs it")
 TORCHRUN_BIN = str(Path(sys.executable).with_name("torchrun"))
 RUN_ID = "equiv-run"
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Agent]:
-    gen = agents(tmp_path, 1)
-    (agent,) = next(gen)
-    yield agent
-    next(gen, None)
+    with agents(tmp_path, 1) as (agent,):
+        yield agent
 
 
 def torchrun(script: str, port: int) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from client_fixtures import Agent, closed_port
 
+pytest.importorskip("torch", reason="runs ddp_train.py; the torch extra (make test) installs it")
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "examples" / "README.md"
 STEPS = 10

@@ -24,6 +24,7 @@ from torch_fixtures import (
 from rankd.client import Cluster, JobFailed, OutputLine
 from rankd.v1 import agent_pb2
 
+pytest.importorskip("torch", reason="runs torch jobs; the torch extra (make test) installs it")
 pytestmark = pytest.mark.timeout(90)
 
 WORLD = 4  # 2 nodes x 2 ranks
@@ -32,9 +33,8 @@ SUM = sum(range(1, WORLD + 1))
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    gen = agents(tmp_path, 2)
-    yield next(gen)
-    next(gen, None)
+    with agents(tmp_path, 2) as started:
+        yield started
 
 
 def addresses(nodes: list[Agent]) -> list[str]:

@@ -76,7 +76,8 @@ def observed(tmp_path: Path) -> Iterator[list[Observed]]:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    yield from agents(tmp_path, 3)
+    with agents(tmp_path, 3) as started:
+        yield started
 
 
 def start_everywhere(
