@@ -296,7 +296,7 @@ def test_certificate_naming_another_host_and_no_stream_retries(tmp_path: Path, p
             started = time.monotonic()
             with pytest.raises(AgentUnavailable, match="TLS handshake failed"):
                 list(client.stream("any", follow=True, timeout=30))
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 10.0  # not retried until the 30 s ran out
     finally:
         agent.stop()
 

@@ -91,7 +91,7 @@ async def test_worker_ignoring_sigterm_is_sigkilled_after_the_timeout(core: Core
     started = time.monotonic()
     attempt = await core.sup.kill("stubborn", signal.SIGTERM, 0.5)
     took = time.monotonic() - started
-    assert 0.5 <= took < 1.5
+    assert 0.5 <= took < 5.0  # waited out the 0.5 s, then SIGKILL: far from a hang
     assert attempt.ended
     assert attempt.state is JobState.KILLED
     assert (rank.state, rank.exit_code, rank.terminated_by_agent) == (
@@ -161,7 +161,7 @@ async def test_kill_without_escalation_delivers_the_signal_and_the_job_runs_on(
         await wait_for_file_line(rank.stdout_path)
     started = time.monotonic()
     attempt = await core.sup.kill("usr1", signal.SIGUSR1, 30.0, escalate=False)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10.0  # did not wait out the 30 s
     for rank in attempt.ranks:
         assert await wait_for_file_line(rank.stdout_path, 2) == ["ready", "got SIGUSR1"]
     assert attempt.state is JobState.RUNNING

@@ -209,7 +209,7 @@ async def test_kill_of_an_ended_job_changes_nothing(core: Core) -> None:
     end_time, reason = attempt.end_time, attempt.reason
     started = time.monotonic()
     killed = await core.sup.kill("done", signal.SIGKILL, 30.0)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10.0  # did not wait out the 30 s
     assert killed is attempt
     assert attempt.state is JobState.SUCCEEDED
     assert (attempt.end_time, attempt.reason) == (end_time, reason)
