@@ -15,13 +15,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The runtime alone (what `make run` needs) and the test tools on top of it.
+# The runtime alone (what `make run` needs) and the test tools on top of it; torch is for
+# the torch interop tests, which skip without it (.ci/run's newest-Python venv: EXTRAS=test).
+EXTRAS ?= test,torch
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@ $(VENV)/.runtime
 
 install-runtime: $(VENV)/.runtime
@@ -56,7 +58,7 @@ soak: install
 	$(BIN)/python -m pytest -q -m soak
 
 bench: install
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,torch]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 run: install-runtime
@@ -66,4 +68,4 @@ wheel: install
 	rm -rf build/wheel && $(BIN)/pip wheel -q --no-deps -w build/wheel .
 
 clean:
-	rm -rf $(VENV) .venv-min build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-min .venv-newest build *.egg-info .pytest_cache .mypy_cache .ruff_cache
