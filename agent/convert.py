@@ -46,6 +46,7 @@ def spec_from_pb(msg: pb.JobSpec) -> JobSpec:
         rank_offset=msg.rank_offset,
         kill_timeout=msg.kill_timeout if msg.HasField("kill_timeout") else DEFAULT_KILL_TIMEOUT,
         default_env=dict(msg.default_env),
+        lease=msg.lease,
     )
 
 
@@ -68,6 +69,7 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         rank_offset=spec.rank_offset,
         kill_timeout=spec.kill_timeout,
         default_env=dict(spec.default_env),
+        lease=spec.lease,
     )
     for rank, args in spec.rank_args.items():
         msg.rank_args[rank].args.extend(args)
@@ -113,7 +115,7 @@ def _rank_to_pb(
         stdout_path=rank.stdout_path,
         stderr_path=rank.stderr_path,
         error_file=rank.error_file,
-        last_output_time=attempt.logs.last_output.get(rank.local_rank, 0.0),
+        last_output_time=attempt.logs.output_time(rank.local_rank),
     )
     if rank.exit_code is not None and rank.stdout_bytes >= 0:  # taken at the exit
         out, err = rank.stdout_bytes, rank.stderr_bytes
@@ -170,7 +172,7 @@ def job_status(
     spec = cache.spec
     if spec is None:
         spec = cache.spec = spec_to_pb(attempt.spec)
-    last_output = attempt.logs.last_output
+    last_output = attempt.logs.output_times()
     ended = cache.ranks
     ranks = []
     for rank in attempt.ranks:

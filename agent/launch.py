@@ -21,8 +21,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rankd.agent import procs, spares
-from rankd.agent.errors import AlreadyExists, SpecError
+from rankd.agent import procs, resources, spares
+from rankd.agent.errors import AlreadyExists, LimitExceeded, SpecError
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogWatcher
 from rankd.agent.model import Attempt, Rank
 from rankd.agent.specs import JobSpec
@@ -118,10 +118,17 @@ class Launcher:
         watcher: LogWatcher,
     ) -> Attempt:
         """Start the attempt `spec` in the job's `run_dir` (None: a new job's, made here)
-        with every rank running. Raises AlreadyExists (that attempt's directory exists),
-        SpecError (a rank could not start) or the OSError of a run directory that could not
-        be made; then nothing it started or made is left."""
-        where = self.place(spec, run_dir)
+        with every rank running, each with its pidfd open (`Rank.pidfd`). Raises
+        AlreadyExists (that attempt's directory exists), LimitExceeded (out of
+        descriptors or disk space), SpecError (a rank could not start) or the OSError of a
+        run directory that could not be made; then nothing it started or made is left."""
+        try:
+            where = self.place(spec, run_dir)
+        except OSError as err:
+            limit = self._exhausted(err, spec)
+            if limit is None:
+                raise
+            raise limit from None
         logs = AttemptLogs(
             where.attempt_dir, spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)]
         )
@@ -135,12 +142,20 @@ class Launcher:
             self.spawn(plans, attempt.ranks)
         except OSError as err:
             self.undo(attempt.ranks, where, logs, watcher)
+            limit = self._exhausted(err, spec)
+            if limit is not None:
+                raise limit from None
             raise SpecError(f"cannot start {spec.entrypoint}: {err.strerror or err}") from None
         except BaseException:  # a bug: no rank it started is left behind
             self.undo(attempt.ranks, where, logs, watcher)
             raise
         attempt.live = len(attempt.ranks)
         return attempt
+
+    def _exhausted(self, err: OSError, spec: JobSpec) -> LimitExceeded | None:
+        return resources.exhausted(
+            err, f"starting {spec.nprocs} ranks", nprocs=spec.nprocs, log_dir=self._log_dir
+        )
 
     def place(self, spec: JobSpec, run_dir: str | None) -> Placement:
         """The attempt's directory in `run_dir`, or a new job's run directory with it;
@@ -214,13 +229,16 @@ class Launcher:
         self, ranks: list[Rank], where: Placement, logs: AttemptLogs, watcher: LogWatcher
     ) -> None:
         """Take back a launch that failed half-way: kill and reap the ranks it started,
-        stop watching its logs, remove its directory."""
+        close their pidfds, stop watching its logs, remove its directory."""
         for rank in ranks:
             procs.send_signal([rank.pid], [], signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(rank.pid, 0)
+            if rank.pidfd >= 0:
+                os.close(rank.pidfd)
+                rank.pidfd = -1
         watcher.unwatch(logs)
-        shutil.rmtree(where.undo_dir, ignore_errors=True)
+        _remove_tree(where.undo_dir)
 
     def close(self) -> None:
         """Wait for the spawn threads to finish."""
@@ -228,7 +246,26 @@ class Launcher:
             self._threads.shutdown(wait=True)
 
 
+def _remove_tree(path: str) -> None:
+    """Remove a directory tree, also when descriptors are scarce (a launch undone for
+    want of them): rmtree holds one per level, the walk below one at a time."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for parent, dirs, files in os.walk(path, topdown=False):  # symlinks: not followed
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, name))
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(parent, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 def _spawn(plan: RankPlan) -> Rank:
+    """Start one rank with its pidfd open; if the pidfd cannot be had (no descriptor
+    left), the rank is killed and reaped, and the OSError raised."""
     pid = procs.spawn(
         plan.argv,
         env=plan.env,
@@ -236,6 +273,14 @@ def _spawn(plan: RankPlan) -> Rank:
         stdout_path=plan.stdout_path,
         stderr_path=plan.stderr_path,
     )
+    # here, not when its exit is first watched: a rank never runs without one
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        procs.send_signal([pid], [], signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
     return Rank(
         local_rank=plan.local_rank,
         pid=pid,
@@ -243,6 +288,7 @@ def _spawn(plan: RankPlan) -> Rank:
         stdout_path=plan.stdout_path,
         stderr_path=plan.stderr_path,
         error_file=plan.error_file,
+        pidfd=pidfd,
     )
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import signal
 import struct
+import weakref
 from collections.abc import Iterable, Iterator
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Spawner",
     "children_of",
     "descendants",
+    "inotify_limit",
     "rename_noreplace",
     "set_child_subreaper",
     "task_children",
@@ -80,8 +81,9 @@ class _Opaque(ctypes.Structure):
 class Spawner:
     """Starts processes with glibc's posix_spawn (vfork-style: no page tables copied, no
     Python-side fork machinery), each in a new session, with stdin from /dev/null and
-    stdout/stderr appended to files, signals at their defaults (SIGPIPE and SIGXFSZ,
-    which Python ignores, included) and none blocked, and no descriptor but 0-2 (as
+    stdout/stderr appended to files, every signal at its default (SIGPIPE and SIGXFSZ,
+    which Python ignores, and any the agent inherited ignored) and none blocked, and no
+    descriptor but 0-2 (as
     Popen with close_fds). Needs glibc 2.34 (posix_spawn_file_actions_addclosefrom_np)."""
 
     def __init__(self) -> None:
@@ -92,9 +94,11 @@ class Spawner:
         attr = ctypes.byref(self._attr)
         _spawn_check(_libc.posix_spawnattr_init(attr), "posix_spawnattr_init")
         defaults, empty = _Opaque(), _Opaque()
-        _libc.sigemptyset(ctypes.byref(defaults))
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            _libc.sigaddset(ctypes.byref(defaults), int(sig))
+        # every signal: also those the agent inherited ignored (`cmd &` in a script
+        # ignores SIGINT and SIGQUIT, nohup SIGHUP) and those Python ignores (SIGPIPE,
+        # SIGXFSZ); an ignored disposition would survive the exec. glibc's sigfillset
+        # leaves out its internal signals.
+        _libc.sigfillset(ctypes.byref(defaults))
         _libc.sigemptyset(ctypes.byref(empty))
         _libc.posix_spawnattr_setsigdefault(attr, ctypes.byref(defaults))
         _libc.posix_spawnattr_setsigmask(attr, ctypes.byref(empty))
@@ -155,10 +159,14 @@ def _spawn_check(err: int, what: str) -> None:
 
 
 class Inotify:
-    """A non-blocking inotify instance; `fileno()` is readable when events are queued."""
+    """A non-blocking inotify instance; `fileno()` is readable when events are queued.
+    Raises OSError (EMFILE: this user's fs.inotify.max_user_instances are used up, or
+    this process's descriptors)."""
 
     def __init__(self) -> None:
         self._fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+        # closed with its owner if nobody calls close() (a Supervisor never closed)
+        self._closer = weakref.finalize(self, os.close, self._fd)
 
     def fileno(self) -> int:
         return self._fd
@@ -189,9 +197,18 @@ class Inotify:
                 yield wd, mask, name
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closer()
+        self._fd = -1
+
+
+def inotify_limit(name: str) -> int | None:
+    """The value of the sysctl fs.inotify.<name> (max_user_instances, max_user_watches),
+    or None when it cannot be read."""
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def children_of(pid: int) -> list[int]:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rankd.agent import resources
 from rankd.agent.model import JobState
 from rankd.agent.supervisor import Supervisor
 
@@ -70,6 +71,52 @@ class _AgentCollector(Collector):
             "rankd_watch_messages",
             "Job statuses and heartbeats sent by Watch",
             value=self._streams.watch_messages,
+        )
+        yield from self._node()
+
+    def _node(self) -> Iterator[Any]:
+        """What the node lends the agent: inotify, disk space, descriptors, the guardian."""
+        sup = self._sup
+        follow = GaugeMetricFamily(
+            "rankd_log_follow_mode",
+            "How the agent follows log files (1 for the mode in use): inotify, or poll when "
+            "inotify could not be had",
+            labels=["mode"],
+        )
+        for mode in ("inotify", "poll"):
+            follow.add_metric([mode], 1 if sup.follow_mode == mode else 0)
+        yield follow
+        yield GaugeMetricFamily(
+            "rankd_log_attempts_polled",
+            "Running attempts whose logs are polled (inotify watches used up)",
+            value=sup.polled_attempts,
+        )
+        yield GaugeMetricFamily(
+            "rankd_log_dir_free_bytes",
+            "Bytes free on the log directory's file system (-1: unknown)",
+            value=sup.free_space(),
+        )
+        yield GaugeMetricFamily(
+            "rankd_log_dir_min_free_bytes",
+            "--min-free-space: Starts are refused below it (0: no check)",
+            value=sup.min_free_space,
+        )
+        open_fds, soft = resources.fd_usage()
+        yield GaugeMetricFamily(
+            "rankd_open_fds", "File descriptors the agent has open", value=open_fds
+        )
+        yield GaugeMetricFamily(
+            "rankd_fd_limit", "The agent's soft limit of file descriptors", value=soft
+        )
+        yield GaugeMetricFamily(
+            "rankd_guardian_up",
+            "1 while the agent's guardian runs (it kills the ranks if the agent dies)",
+            value=1 if sup.guardian_pid else 0,
+        )
+        yield CounterMetricFamily(
+            "rankd_guardian_restarts",
+            "Guardians started after the first one died",
+            value=sup.guardian_restarts,
         )
 
 

@@ -7,12 +7,14 @@ files until the attempt ends and it has written every line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 from collections.abc import Callable
 from typing import TextIO
 
+from rankd.agent import resources
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogReader
 from rankd.agent.model import Attempt
 from rankd.agent.specs import Std
@@ -43,7 +45,13 @@ def start_mirrors(attempt: Attempt, console_out: TextIO, console_err: TextIO) ->
         if needles:
             keys = [(r, stream) for r in range(spec.nprocs)]
             path = os.path.join(logs.attempt_dir, FILTERED_FILES[stream])
-            sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the mirror)
+            try:
+                sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the mirror)
+            except OSError as err:  # the ranks run on: only this copy is lost
+                logger.warning(
+                    "%s", _trouble(err, f"writing {path}", logs), extra=attempt.log_extra()
+                )
+                continue
             attempt.mirrors.append(
                 asyncio.ensure_future(_mirror(logs, keys, sink, _any_of(needles), close=True))
             )
@@ -68,8 +76,17 @@ async def _mirror(
             prefixes = logs.prefixes
             sink.write("".join(f"{prefixes[ln.local_rank]}{ln.text}\n" for ln in batch))
             sink.flush()
+    except OSError as err:  # out of descriptors or disk space: say which, no traceback
+        logger.warning("%s", _trouble(err, f"mirroring the output of {logs.attempt_dir}", logs))
     except Exception:
         logger.exception("mirroring the output of %s failed", logs.attempt_dir)
     finally:
         if close:
-            sink.close()
+            with contextlib.suppress(OSError):  # (a full disk: said above)
+                sink.close()
+
+
+def _trouble(err: OSError, what: str, logs: AttemptLogs) -> str:
+    """What went wrong, as the agent says it elsewhere for descriptors and disk space."""
+    limit = resources.exhausted(err, what, log_dir=logs.log_dir)
+    return str(limit) if limit is not None else f"{what} failed: {err}"

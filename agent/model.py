@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from rankd.agent import resources
 from rankd.agent.errors import JobNotFound
 from rankd.agent.failures import Failure, read_failure
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
@@ -55,6 +56,8 @@ class Rank:
     stdout_bytes: int = -1
     stderr_bytes: int = -1
     terminated_by_agent: bool = False
+    # its pidfd from the spawn until the Terminator's exit watcher takes it over (-1)
+    pidfd: int = field(default=-1, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -92,6 +95,9 @@ class Attempt:
     spec_record: dict[str, Any] | None = field(default=None, repr=False)  # agent.store's
     recorded: concurrent.futures.Future[None] | None = None  # the final job.json write
     wire: WireForms = field(default_factory=WireForms, repr=False)
+    # loop time of the Start or the last Renew (see Supervisor.renew), for the lease
+    renewed: float = 0.0
+    lease_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     # futures resolved at the end, for waits with a timeout (no task per wait)
     _end_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
 
@@ -112,7 +118,8 @@ class Attempt:
     def record_exit(self, rank: Rank, code: int, exit_time: float) -> None:
         """`rank` exited with `code` (-N: killed by signal N) at `exit_time`: its state,
         the sizes of its files (call after `LogWatcher.drain`), and unless it succeeded
-        its Failure, read from its error file and stderr."""
+        its Failure, read from its error file and stderr, and when the log file system is
+        full, saying so."""
         self.live -= 1
         rank.exit_code = code
         rank.end_time = exit_time
@@ -133,6 +140,12 @@ class Attempt:
             stderr_size=rank.stderr_bytes,
             error_file_absent=not self.logs.may_have_error_file(rank.local_rank),
         )
+        if not rank.terminated_by_agent:
+            # a rank that could not write its output often dies of it, and its stderr
+            # tail is then empty: say so whatever the failure's own message
+            note = resources.disk_full_note(self.logs.log_dir)
+            if note:
+                rank.failure.message = f"{rank.failure.message}; {note}"
 
     def end(self, end_time: float) -> None:
         """Every rank has exited: the final state (SUCCEEDED unless something else was
@@ -141,6 +154,9 @@ class Attempt:
             self.state = JobState.SUCCEEDED
             self.reason = "every rank exited with code 0"
         self.end_time = end_time
+        if self.lease_timer is not None:
+            self.lease_timer.cancel()
+            self.lease_timer = None
         self.logs.mark_ended()
         self.done.set()
         for waiter in self._end_waiters:

@@ -109,8 +109,13 @@ class ExitWatcher(Generic[K]):
         loop.add_reader(self._epoll.fileno(), self._ready)
 
     def watch(self, pid: int, key: K) -> None:
+        """Watch a child. Raises OSError (EMFILE: no descriptor for its pidfd)."""
         # The pid cannot be reused before we reap it, so the pidfd names our child.
-        fd = os.pidfd_open(pid)
+        self.watch_fd(os.pidfd_open(pid), pid, key)
+
+    def watch_fd(self, fd: int, pid: int, key: K) -> None:
+        """Watch a child through its pidfd `fd`, which this watcher now owns (and closes
+        once the child was reaped). An exit before this call is reported too."""
         self._watched[fd] = (pid, key)
         self._epoll.register(fd, _ONE_EXIT)
 

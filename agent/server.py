@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,9 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from rankd.agent import __version__, wire
+from rankd.agent import __version__, resources, wire
 from rankd.agent.errors import RankdError
 from rankd.agent.logfmt import configure_logging
+from rankd.agent.logs import FOLLOW_MODES
 from rankd.agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
 from rankd.agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
 from rankd.agent.service import NodeAgentService
@@ -33,6 +35,13 @@ __all__ = ["DEFAULT_PORT", "AgentServer", "create_server", "default_log_dir", "m
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500 + 100  # 29600: beside torchrun's 29500 rendezvous default
+#: The agent's own signals: each starts an orderly teardown, as torch's elastic agent
+#: handles TORCHELASTIC_SIGNALS_TO_HANDLE; a second one during it SIGKILLs every rank.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: Seconds RPCs under way get to finish once every job was stopped; streams that would
+#: go on (a Watch without until_ended) are cancelled then.
+STOP_GRACE = 0.2
+DEFAULT_MIN_FREE_SPACE = "100M"
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -54,7 +63,7 @@ class AgentServer:
         """Kill every job of the supervisor (SIGTERM, SIGKILL after `timeout`), then stop
         the server."""
         await self.supervisor.close(timeout)
-        await self.server.stop(grace=1.0)
+        await self.server.stop(grace=STOP_GRACE)
 
 
 async def create_server(
@@ -69,11 +78,13 @@ async def create_server(
 ) -> AgentServer:
     """A started server bound to `address` (port 0 = any free port).
 
-    Serves `supervisor` (or a new one over `log_dir`); with `token`, every call but
-    health checks needs `authorization: Bearer <token>`; with `credentials`, TLS.
-    Stop with `AgentServer.stop`, which also kills the supervisor's jobs."""
+    Serves `supervisor` (or a new one over `log_dir`), bound to the running loop first
+    (`Supervisor.bind`); with `token`, every call but health checks needs
+    `authorization: Bearer <token>`; with `credentials`, TLS. Stop with
+    `AgentServer.stop`, which also kills the supervisor's jobs."""
     if supervisor is None:
         supervisor = Supervisor(log_dir or default_log_dir())
+    supervisor.bind()
     stats = StreamStats()
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
@@ -89,6 +100,10 @@ async def create_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # clients ping every second or more to detect lost nodes (rankd launch
+            # --node-timeout): allowed, never answered with GOAWAY too_many_pings
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     wire.register(NodeAgentService(supervisor, stats), server)
@@ -171,12 +186,28 @@ def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=float,
         default=10.0,
-        help="on SIGTERM/SIGINT, seconds to wait after SIGTERM to the ranks before SIGKILL "
-        "(default: %(default)s)",
+        help="on SIGTERM, SIGINT, SIGHUP or SIGQUIT, seconds to wait after SIGTERM to the "
+        "ranks before SIGKILL; a second signal sends SIGKILL at once (default: %(default)s)",
     )
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-free-space",
+        type=_size,
+        default=DEFAULT_MIN_FREE_SPACE,
+        metavar="SIZE",
+        help="refuse a Start (RESOURCE_EXHAUSTED) while the log directory's file system "
+        "has less free; suffixes K, M, G (powers of 1024); 0 = no check (default: "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--log-follow",
+        choices=FOLLOW_MODES,
+        default=os.environ.get("RANKD_LOG_FOLLOW", "auto"),
+        help="how log files are followed: auto (inotify, polling every 25 ms where it "
+        "cannot be had) or poll (default: $RANKD_LOG_FOLLOW or auto)",
+    )
     parser.add_argument(
         "--max-jobs",
         type=int,
@@ -261,12 +292,38 @@ def _add_observability_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Stopper:
+    """The agent's signals (STOP_SIGNALS), handled on the loop whatever disposition the
+    agent inherited (`cmd &` in a script ignores SIGINT and SIGQUIT, nohup SIGHUP): the
+    first asks for the teardown; any later one, during it, SIGKILLs every rank at once."""
+
+    def __init__(self) -> None:
+        self.signal = 0
+        self.event = asyncio.Event()
+        self.supervisor: Supervisor | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (inherited blocked?)
+
+    def __call__(self, sig: int) -> None:
+        if not self.signal:
+            self.signal = sig
+            self.event.set()
+            return
+        logger.warning("%s during the teardown: SIGKILL to every rank now", _name(sig))
+        if self.supervisor is not None:
+            self.supervisor.kill_now()
+
+
 async def _serve(args: argparse.Namespace) -> int:
+    """Run the agent until a signal; returns that signal's number once every job stopped."""
     # Handlers first: a SIGTERM right after "listening on" must still stop cleanly.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stopper = _Stopper()
+    stopper.install(asyncio.get_running_loop())
+    # logged once listening: the first lines on stderr are others' (warnings, health on)
+    fd_limits = resources.raise_fd_limit()
     token = load_token(args.token_file) if args.token_file else None
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     warning = check_bind_policy(
@@ -277,9 +334,10 @@ async def _serve(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr, flush=True)
     log_dir = args.log_dir or default_log_dir()
     host = args.host
+    stopper.supervisor = supervisor = _supervisor(args, log_dir)
     agent = await create_server(
         _join(host, args.port),
-        supervisor=_supervisor(args, log_dir),
+        supervisor=supervisor,
         token=token,
         credentials=credentials,
         max_message_bytes=args.max_message_bytes,
@@ -299,14 +357,37 @@ async def _serve(args: argparse.Namespace) -> int:
     logger.info(
         "rankd-agent %s serving on %s:%d, logs in %s", __version__, host, agent.port, log_dir
     )
+    _log_fd_limits(*fd_limits)
 
-    await stop.wait()
-    logger.info("shutting down: stopping every job")
+    await stopper.event.wait()
+    logger.info(
+        "stopping on %s: SIGTERM to every rank, SIGKILL after %g s",
+        _name(stopper.signal),
+        args.shutdown_timeout,
+    )
     await agent.stop(timeout=args.shutdown_timeout)
     if health_server is not None:
-        await health_server.stop(grace=0.5)
-    logger.info("stopped")
-    return 0
+        await health_server.stop(grace=STOP_GRACE)
+    logger.info("stopped on %s", _name(stopper.signal))
+    return stopper.signal
+
+
+def _name(sig: int) -> str:
+    return signal.Signals(sig).name
+
+
+def _log_fd_limits(before: int, now: int, hard: int) -> None:
+    if now != before:
+        logger.info("open files limit: soft %d raised to the hard limit %d", before, now)
+    else:
+        logger.info("open files limit: soft %d, hard %d", now, hard)
+
+
+def _size(text: str) -> int:
+    try:
+        return resources.parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _supervisor(args: argparse.Namespace, log_dir: str) -> Supervisor:
@@ -320,6 +401,8 @@ def _supervisor(args: argparse.Namespace, log_dir: str) -> Supervisor:
         max_jobs=args.max_jobs,
         max_running_ranks=args.max_running_ranks,
         allowed_entrypoints=args.allow_entrypoint,
+        log_follow=args.log_follow,
+        min_free_space=args.min_free_space,
     )
 
 
@@ -333,16 +416,44 @@ def _worker_env() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the agent. Exits 2, with one line on stderr, when it cannot start; stopped by
+    a signal, it ends by that same signal once every job stopped (see `_end_by`)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.log_follow not in FOLLOW_MODES:  # a default from the environment
+        parser.error(
+            f"RANKD_LOG_FOLLOW must be one of {', '.join(FOLLOW_MODES)}, not {args.log_follow!r}"
+        )
     configure_logging(args.log_level, args.log_format)
     try:
-        return asyncio.run(_serve(args))
+        sig = asyncio.run(_serve(args))
     except RankdError as err:
         print(f"rankd-agent: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"rankd-agent: error: {err}", file=sys.stderr)
         return 2
+    return _end_by(sig)
+
+
+def _end_by(sig: int) -> int:
+    """End this process by `sig`'s default action, as a program that does not catch it
+    would, so that whoever started it sees which signal stopped it: a shell's `$?` is
+    128+N, Popen's returncode -N, and systemd counts SIGTERM, SIGINT and SIGHUP as a clean
+    stop. Without the core dump of SIGQUIT's default action. Returns 128+N if it lives
+    on."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sig == signal.SIGQUIT:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(
+                resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1])
+            )
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    return 128 + sig
 
 
 if __name__ == "__main__":

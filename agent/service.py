@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rankd.agent import __version__
+from rankd.agent import __version__, resources
 from rankd.agent.convert import cache_ended_rank, job_status, spec_from_pb
 from rankd.agent.errors import (
     AlreadyExists,
@@ -29,10 +30,11 @@ from rankd.agent.errors import (
     RankdError,
     SpecError,
 )
+from rankd.agent.guardian import GuardianError
 from rankd.agent.logs import STDERR, STDOUT, Chunk, LogReader
 from rankd.agent.metrics import StreamStats
 from rankd.agent.model import Attempt
-from rankd.agent.specs import parse_signal, validate_job_id
+from rankd.agent.specs import check_requester, parse_signal, validate_job_id
 from rankd.agent.supervisor import Supervisor
 from rankd.agent.watch import Update, check_heartbeat, job_updates
 from rankd.agent.wire import packed_response
@@ -53,16 +55,25 @@ _CODES: list[tuple[type[RankdError], grpc.StatusCode]] = [
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (GuardianError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+def _status_of(err: BaseException, what: str, log_dir: str) -> tuple[grpc.StatusCode, str]:
+    """The status of an error raised while doing `what` ("answering Poll"): its class's
+    code, RESOURCE_EXHAUSTED for an OSError that says descriptors or the disk of
+    `log_dir` ran out (with the same message as Start's up-front checks), else INTERNAL
+    (logged with its traceback)."""
     for cls, code in _CODES:
         if isinstance(err, cls):
             return code, str(err)
+    limit = resources.exhausted(err, what, log_dir=log_dir)
+    if limit is not None:
+        logger.warning("%s", limit)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(limit)
     logger.exception("internal error", exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal agent error ({type(err).__name__}); see agent log"
 
@@ -75,7 +86,7 @@ def _unary(
         try:
             return await method(self, request, context)
         except Exception as err:
-            code, message = _status_of(err)
+            code, message = self._status_of(err, f"answering {method.__name__}")
             await context.abort(code, message)
             raise  # unreachable: abort raises
 
@@ -87,6 +98,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         self._sup = supervisor
         self.stats = stats or StreamStats()
         supervisor.exit_hooks.append(cache_ended_rank)
+
+    def _status_of(self, err: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
+        return _status_of(err, what, self._sup.log_dir)
 
     def _job(self, job_id: str) -> Any:
         validate_job_id(job_id)
@@ -122,6 +136,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
+        sup = self._sup
+        open_fds, soft = resources.fd_usage()
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         return pb.InfoResponse(
             hostname=socket.gethostname(),
             version=__version__,
@@ -129,6 +146,15 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             pid=os.getpid(),
             log_dir=self._sup.log_dir,
             free_port=_free_port(),
+            log_follow=sup.follow_mode,
+            polled_attempts=sup.polled_attempts,
+            log_dir_free_bytes=sup.free_space(),
+            min_free_bytes=sup.min_free_space,
+            open_fds=open_fds,
+            fd_soft_limit=soft,
+            fd_hard_limit=hard,
+            guardian_pid=sup.guardian_pid,
+            guardian_restarts=sup.guardian_restarts,
         )
 
     @_unary
@@ -140,12 +166,21 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         timeout = request.timeout if request.HasField("timeout") else 30.0
         if not (math.isfinite(timeout) and 0 <= timeout <= _MAX_KILL_TIMEOUT):
             raise SpecError(f"timeout must be between 0 and {_MAX_KILL_TIMEOUT:g} seconds")
+        # who asked, as the reason will say: the name given, else the peer's address
+        requester = check_requester(request.requester) or context.peer() or ""
         attempt = await self._sup.kill(
-            request.job_id, sig, timeout, escalate=not request.no_escalate
+            request.job_id, sig, timeout, escalate=not request.no_escalate, requester=requester
         )
         # a version names the current attempt's state; a newer attempt may have started
         version = job.version if attempt is job.current else 0
         return pb.KillResponse(job=job_status(job, attempt), version=version)
+
+    @_unary
+    async def Renew(
+        self, request: pb.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewResponse:
+        validate_job_id(request.job_id)
+        return pb.RenewResponse(remaining=self._sup.renew(request.job_id), agent_time=time.time())
 
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
@@ -153,7 +188,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         try:
             attempt, reader = self._open_stream(request)
         except Exception as err:
-            code, message = _status_of(err)
+            code, message = self._status_of(err, "opening a log stream")
             await context.abort(code, message)
             return
         prefixes = attempt.logs.prefixes
@@ -188,6 +223,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             if attempt.ended:
                 job = self._sup.job(request.job_id)
                 yield pb.StreamResponse(end=True, job=job_status(job, attempt), restart_count=count)
+        except Exception as err:  # e.g. no descriptor for the next file: a status, no trace
+            code, message = self._status_of(err, "streaming logs")
+            await context.abort(code, message)
         finally:
             stats.active -= 1
 
@@ -203,7 +241,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 heartbeat=check_heartbeat(request.heartbeat),
             )
         except Exception as err:
-            code, message = _status_of(err)
+            code, message = self._status_of(err, "watching a job")
             await context.abort(code, message)
             return
         stats = self.stats
@@ -213,7 +251,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 yield self._watch_response(update)
                 stats.watch_messages += 1
         except Exception as err:  # the job was forgotten while watched (--max-jobs)
-            code, message = _status_of(err)
+            code, message = self._status_of(err, "watching a job")
             await context.abort(code, message)
         finally:
             stats.watches -= 1

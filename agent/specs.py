@@ -21,9 +21,12 @@ from rankd.agent.errors import SpecError
 
 __all__ = [
     "DEFAULT_KILL_TIMEOUT",
+    "MAX_LEASE",
+    "MAX_REQUESTER",
     "JobSpec",
     "Limits",
     "Std",
+    "check_requester",
     "parse_signal",
     "parse_std",
     "render_prefix",
@@ -32,6 +35,10 @@ __all__ = [
 ]
 
 DEFAULT_KILL_TIMEOUT = 30.0
+#: Longest lease a spec may ask for, seconds.
+MAX_LEASE = 86400.0
+#: Longest requester a Kill may name, characters.
+MAX_REQUESTER = 256
 _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ROLE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _VALUE_REGEX = r"^[0123]$"
@@ -86,6 +93,17 @@ def parse_signal(value: str | int) -> signal.Signals:
         ) from None
 
 
+def check_requester(requester: str) -> str:
+    """A Kill's requester as recorded (stripped); raises SpecError when it is too long or
+    holds control characters."""
+    text = requester.strip()
+    if len(text) > MAX_REQUESTER:
+        raise SpecError(f"requester is longer than {MAX_REQUESTER} characters")
+    if any(ord(c) < 32 for c in text):
+        raise SpecError("requester must be one line without control characters")
+    return text
+
+
 def validate_job_id(job_id: str) -> None:
     if not _JOB_ID.fullmatch(job_id) or ".." in job_id or job_id == ".":
         raise SpecError(
@@ -138,6 +156,8 @@ class JobSpec:
     rank_offset: int = 0
     kill_timeout: float = DEFAULT_KILL_TIMEOUT
     default_env: Mapping[str, str] = field(default_factory=dict)
+    # seconds without a Renew after which the agent stops the job; 0 = no lease
+    lease: float = 0.0
 
     def validate(self, limits: Limits | None = None) -> JobSpec:
         """Check every field; raise `SpecError` naming the field. Returns the spec with
@@ -160,6 +180,10 @@ class JobSpec:
             raise SpecError(
                 f"kill_timeout must be between 0 and {limits.max_kill_timeout:g} seconds, "
                 f"got {self.kill_timeout}"
+            )
+        if not (math.isfinite(self.lease) and 0 <= self.lease <= MAX_LEASE):
+            raise SpecError(
+                f"lease must be 0 (none) or up to {MAX_LEASE:g} seconds, got {self.lease}"
             )
         self._check_args(limits)
         self._check_env(limits)
@@ -318,4 +342,5 @@ def _comparable(spec: JobSpec) -> dict[str, Any]:
         "rank_offset": spec.rank_offset,
         "kill_timeout": spec.kill_timeout,
         "default_env": dict(spec.default_env),
+        "lease": spec.lease,
     }

@@ -6,6 +6,7 @@ file's format: every to- and from-dict is here."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import threading
 from dataclasses import fields
 from typing import Any
 
+from rankd.agent import resources
 from rankd.agent.failures import Failure, stderr_tail
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
 from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
@@ -32,29 +34,73 @@ LOST = "the agent stopped while this attempt ran"
 class JobStore:
     """The job.json of every job under `log_dir`. `save_now` writes on the caller's
     thread; `save_later` in one io thread, in submission order, so that an older state
-    never overwrites a newer one. A failure to write is logged, never raised: the job
-    runs on, only its record after a restart is at stake."""
+    never overwrites a newer one.
+
+    A failure to write (a full disk) is never raised: the job runs on, held in memory,
+    only its record after a restart is at stake. It is logged once per job, with the
+    reason, and the record is written again with the next one written (of any job), and
+    at `close`, until it lands."""
 
     def __init__(self, log_dir: str) -> None:
         self._log_dir = log_dir
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rankd-io")
+        self._lock = threading.Lock()  # the io thread and the loop's both write
+        self._failing: dict[str, Job] = {}  # jobs whose last record was not written
 
     def save_now(self, job: Job, *, fresh: bool = False) -> None:
-        """Write the job's record now. `fresh`: its first record, written in place (over
-        the empty file of a spare run directory, see agent.spares): there is no earlier
-        record that a torn write could spoil."""
-        _write(job.run_dir, job_to_dict(job), fresh=fresh)
+        """Write the job's record now (and the failing ones again). `fresh`: its first
+        record, written in place (over the empty file of a spare run directory, see
+        agent.spares): there is no earlier record that a torn write could spoil."""
+        self._wrote(job, _write(job.run_dir, job_to_dict(job), fresh=fresh))
+        if self._failing:
+            self._write_all(self._failing_records(job))
 
     def save_later(self, job: Job) -> concurrent.futures.Future[None]:
-        """Write the job's record, as it is now, in the io thread (after `close`: here)."""
-        data = job_to_dict(job)  # the snapshot: the loop changes the job meanwhile
+        """Write the job's record, as it is now, in the io thread (after `close`: here);
+        the failing ones again after it."""
+        # the snapshots: the loop changes the jobs meanwhile
+        records = [(job, job_to_dict(job))]
+        if self._failing:
+            records += self._failing_records(job)
         try:
-            return self._io.submit(_write, job.run_dir, data)
+            return self._io.submit(self._write_all, records)
         except RuntimeError:  # after close(): a straggler's exit
-            _write(job.run_dir, data)
+            self._write_all(records)
             done: concurrent.futures.Future[None] = concurrent.futures.Future()
             done.set_result(None)
             return done
+
+    def _failing_records(self, but: Job) -> list[tuple[Job, dict[str, Any]]]:
+        with self._lock:
+            failing = [job for job in self._failing.values() if job is not but]
+        return [(job, job_to_dict(job)) for job in failing]
+
+    def _write_all(self, records: list[tuple[Job, dict[str, Any]]]) -> None:
+        for job, data in records:
+            self._wrote(job, _write(job.run_dir, data))
+
+    def _wrote(self, job: Job, err: OSError | None) -> None:
+        """Keep the job to write again when `err`, logging the first failure only."""
+        with self._lock:
+            failed_before = self._failing.get(job.job_id) is job
+            if err is None:
+                if failed_before:
+                    del self._failing[job.job_id]
+            else:
+                self._failing[job.job_id] = job
+        if err is not None and not failed_before:
+            reason = err.strerror or str(err)
+            note = resources.disk_full_note(self._log_dir) if err.errno == errno.ENOSPC else ""
+            logger.warning(
+                "cannot record job %s in %s: %s%s; the agent holds it on (List, Poll) and "
+                "writes the record again at the next change",
+                job.job_id,
+                os.path.join(job.run_dir, JOB_FILE),
+                reason,
+                f" ({note})" if note else "",
+            )
+        elif err is None and failed_before:
+            logger.info("job %s is recorded again in %s", job.job_id, job.run_dir)
 
     def load(self, max_jobs: int) -> list[Job]:
         """The newest `max_jobs` jobs recorded under the log dir, oldest first (older
@@ -74,8 +120,12 @@ class JobStore:
         return jobs
 
     def close(self) -> None:
-        """Wait for the writes under way; later ones are made by their caller."""
+        """Wait for the writes under way, and try the failing ones a last time; later
+        ones are made by their caller."""
         self._io.shutdown(wait=True)
+        with self._lock:
+            failing = list(self._failing.values())
+        self._write_all([(job, job_to_dict(job)) for job in failing])
 
 
 # -- to and from dicts -------------------------------------------------------------------
@@ -224,8 +274,9 @@ def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
 # -- the file ------------------------------------------------------------------------------
 
 
-def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> None:
-    """Replace `<run_dir>/job.json` atomically (in place if `fresh`); errors are logged."""
+def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> OSError | None:
+    """Replace `<run_dir>/job.json` atomically (in place if `fresh`); returns the error,
+    if any (nothing is left but the earlier record then)."""
     # compact: the C encoder (indent= falls back to the pure-Python one)
     payload = json.dumps({"format": FORMAT, **data}, separators=(",", ":")).encode()
     target = os.path.join(run_dir, JOB_FILE)
@@ -242,8 +293,9 @@ def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> None:
             if not fresh:
                 os.unlink(path)
             raise
-    except OSError:
-        logger.exception("could not record job state in %s", run_dir)
+    except OSError as err:
+        return err
+    return None
 
 
 def _read_all(log_dir: str) -> list[tuple[str, dict[str, Any]]]:

@@ -29,12 +29,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
-from rankd.agent import procs, spares
+from rankd.agent import procs, resources, spares
 from rankd.agent.deferred import Deferred
-from rankd.agent.errors import AlreadyExists, LimitExceeded, PermissionDenied, SpecError
-from rankd.agent.guardian import spawn_guardian
+from rankd.agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    LimitExceeded,
+    PermissionDenied,
+    SpecError,
+)
+from rankd.agent.guardian import Guardian
 from rankd.agent.launch import Launcher
-from rankd.agent.logs import LogWatcher
+from rankd.agent.logs import FOLLOW_MODES, LogWatcher
 from rankd.agent.mirrors import start_mirrors
 from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.registry import JobTable
@@ -59,7 +65,14 @@ class Supervisor:
     `console_out`/`console_err` receive the tee'd lines; `subreaper=True` (for the agent
     process, not for library use inside a process that runs other children) adopts and
     reaps orphaned descendants so that nothing a rank started escapes the job;
-    `guardian=True` starts the process that kills the ranks if this one dies.
+    `guardian=True` starts the process that kills the ranks if this one dies (and a new
+    one each time it dies); `log_follow` is how logs are followed ("auto": inotify, made
+    here, polling where it cannot be had; "poll"); `min_free_space` (bytes, 0: none) is
+    what the log directory's file system must have free for a Start.
+
+    Its parts are bound to the event loop by `bind` (the agent calls it at startup; the
+    first `start` does otherwise): all or nothing, so that no failure there can leave it
+    half-built.
     """
 
     def __init__(
@@ -75,7 +88,11 @@ class Supervisor:
         max_jobs: int = 1000,
         max_running_ranks: int = 4096,
         allowed_entrypoints: Iterable[str] | None = None,
+        log_follow: str = "auto",
+        min_free_space: int = 0,
     ) -> None:
+        if log_follow not in FOLLOW_MODES:
+            raise SpecError(f"log follow mode must be one of {FOLLOW_MODES}, not {log_follow!r}")
         if os.path.exists(log_dir) and not os.path.isdir(log_dir):
             raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
         os.makedirs(log_dir, exist_ok=True)
@@ -85,14 +102,13 @@ class Supervisor:
         self._out = console_out or sys.stdout
         self._err = console_err or sys.stderr
         self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._guardian_fd = -1
-        if guardian:
-            self._guardian, self._guardian_fd = spawn_guardian(self.tag)
+        self._min_free_space = min_free_space
+        self._closing = False
         self._max_running_ranks = max_running_ranks
         self._allowed = _real_paths(allowed_entrypoints)
         self._jobs = JobTable(max_jobs)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watcher: LogWatcher | None = None
+        self._watcher = LogWatcher(log_follow)  # the inotify instance now (or polling)
         self._start_lock = asyncio.Lock()
         # an attempt's end chores, put off by job id (see _end_attempt)
         self._records = Deferred(RECORD_DELAY)
@@ -107,19 +123,76 @@ class Supervisor:
         self._terminator = Terminator(subreaper=subreaper, on_exits=self._on_exits)
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
+        self._expiries: set[asyncio.Task[Attempt]] = set()  # kills of lapsed leases
         self._jobs.restore(self._store.load(max_jobs))
         if self._jobs:
             logger.info("restored %d jobs from %s", len(self._jobs), self.log_dir)
+        # last: nothing after it can fail and leave it running unowned
+        self._guardian = Guardian(self.tag) if guardian else None
 
-    def _ensure_loop(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._watcher = LogWatcher(self._loop)
-            self._terminator.start(self._loop)
+    def bind(self) -> None:
+        """Bind to the running event loop: watch the ranks' exits (and adopt orphans),
+        their logs, and the guardian. Idempotent. All or nothing: raises LimitExceeded
+        (out of descriptors) or OSError with nothing bound, and the next call tries
+        again."""
+        if self._loop is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self._terminator.start(loop)
+            try:
+                self._watcher.attach(loop)
+                if self._guardian is not None:
+                    self._guardian.watch(
+                        loop, protect=self._terminator.protect, release=self._terminator.release
+                    )
+            except BaseException:
+                self._watcher.detach()
+                self._terminator.close()
+                raise
+        except OSError as err:
+            limit = resources.exhausted(err, "setting up the supervisor")
+            if limit is None:
+                raise
+            raise limit from None
+        self._loop = loop
+
+    @property
+    def follow_mode(self) -> str:
+        """How the logs of a new attempt are followed: "inotify" or "poll"."""
+        return self._watcher.mode
+
+    @property
+    def polled_attempts(self) -> int:
+        """Running attempts whose logs are followed by polling."""
+        return self._watcher.polled
+
+    @property
+    def guardian_pid(self) -> int:
+        """The guardian's pid; 0 when there is none (or none runs now)."""
+        return self._guardian.pid if self._guardian is not None else 0
+
+    @property
+    def guardian_restarts(self) -> int:
+        return self._guardian.restarts if self._guardian is not None else 0
+
+    @property
+    def min_free_space(self) -> int:
+        """Bytes the log directory's file system must have free for a Start (0: any)."""
+        return self._min_free_space
+
+    def free_space(self) -> int:
+        """Bytes free on the log directory's file system (-1: unknown)."""
+        try:
+            return resources.free_bytes(self.log_dir)
+        except OSError:
+            return -1
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Kill every running job (SIGTERM, SIGKILL after `timeout`) and release the
-        watchers. Returns within about `timeout` + SIGKILL_WAIT seconds."""
+        """Kill every running job (SIGTERM, SIGKILL after `timeout`; at once after
+        `kill_now`) and release the watchers; Starts are refused from now on. Returns
+        within about `timeout` + SIGKILL_WAIT seconds."""
+        self._closing = True
         running = [j.job_id for j in self._jobs.jobs() if not j.current.ended]
         await asyncio.gather(
             *(
@@ -132,17 +205,27 @@ class Supervisor:
         for job in self._jobs.jobs():
             for task in job.current.mirrors:
                 task.cancel()
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
+        self._watcher.close()
         self._terminator.close()
         self._records.flush()  # the loop may not run much longer
         self._store.close()  # the last job.json writes land before we return
         self._launcher.close()
         self._spares.close()
-        if self._guardian_fd >= 0:  # the guardian sweeps for stragglers and exits
-            os.close(self._guardian_fd)
-            self._guardian_fd = -1
+        if self._guardian is not None:  # it sweeps for stragglers and exits
+            self._guardian.close()
+
+    def kill_now(self) -> None:
+        """SIGKILL every process of every running attempt, at once (a second signal to the
+        agent while `close` waits for the ranks to end)."""
+        for job in self._jobs.jobs():
+            attempt = job.current
+            alive = [r for r in attempt.ranks if r.alive]
+            if attempt.ended or not alive:
+                continue
+            for rank in alive:
+                rank.terminated_by_agent = True
+            pgids = [r.pid for r in alive]
+            procs.send_signal(pgids, procs.attempt_processes(pgids, attempt.marker), signal.SIGKILL)
 
     # -- queries -------------------------------------------------------------------
 
@@ -175,9 +258,12 @@ class Supervisor:
 
     async def start(self, spec: JobSpec) -> tuple[Job, bool]:
         """Start an attempt. Idempotent: the same spec returns the job and False.
-        Raises SpecError (nothing started), AlreadyExists, LimitExceeded,
-        PermissionDenied."""
-        self._ensure_loop()
+        Raises SpecError (nothing started), AlreadyExists, LimitExceeded (also: too few
+        descriptors or too little disk space left), PermissionDenied, FailedPrecondition
+        (shutting down), GuardianError (no guardian runs)."""
+        if self._closing:
+            raise FailedPrecondition("this agent is shutting down: it starts no more jobs")
+        self.bind()
         validate_job_id(spec.job_id)
         spec = spec.validate(self.limits)
         if self._allowed is not None and os.path.realpath(spec.entrypoint) not in self._allowed:
@@ -185,25 +271,30 @@ class Supervisor:
                 f"entrypoint {spec.entrypoint} is not allowed on this agent "
                 f"(allowed: {', '.join(sorted(self._allowed))}; see --allow-entrypoint)"
             )
+        if self._guardian is not None:
+            await self._guardian.armed()  # no rank runs unguarded
         async with self._start_lock, self._spares.held():
             self._cleanups.flush(spec.job_id)  # a restart never meets the last leftovers
             job = self._jobs.get(spec.job_id)
             if job is not None and _repeated(job, spec):
                 return job, False
-            if job is None:
-                self._jobs.make_room()
             running = self._terminator.running
             if running + spec.nprocs > self._max_running_ranks:
                 raise LimitExceeded(
                     f"starting {spec.nprocs} ranks would exceed this agent's limit of "
                     f"{self._max_running_ranks} running ranks ({running} running)"
                 )
+            resources.check_fds(spec.nprocs)
+            resources.check_free_space(self.log_dir, self._min_free_space)
+            if job is None:
+                self._jobs.make_room()
             attempt = self._launch(job, spec)
             self._spares.prepare(spec.nprocs)  # for the next Start of this size
             fresh = job is None
             if job is None:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
             job.attempts.append(attempt)
+            self._hold_lease(attempt)
             self._jobs.started(job)
             job.bump()
             # on disk before Start answers: a crash cannot lose the job. Written here,
@@ -212,7 +303,7 @@ class Supervisor:
             return job, True
 
     def _launch(self, job: Job | None, spec: JobSpec) -> Attempt:
-        assert self._loop is not None and self._watcher is not None
+        assert self._loop is not None
         attempt = self._launcher.launch(
             spec,
             None if job is None else job.run_dir,
@@ -237,13 +328,57 @@ class Supervisor:
             )
         return attempt
 
+    # -- leases ------------------------------------------------------------------------------
+
+    def _hold_lease(self, attempt: Attempt) -> None:
+        """A leased attempt counts its lease from its Start (see `renew`)."""
+        if attempt.spec.lease <= 0:
+            return
+        assert self._loop is not None
+        attempt.renewed = self._loop.time()
+        attempt.lease_timer = self._loop.call_later(attempt.spec.lease, self._check_lease, attempt)
+
+    def renew(self, job_id: str) -> float:
+        """A client renewed the job's lease: seconds until it lapses now (0: the job has
+        no lease or its current attempt has ended). Raises JobNotFound."""
+        attempt = self.job(job_id).current
+        if attempt.spec.lease <= 0 or attempt.ended or self._loop is None:
+            return 0.0
+        attempt.renewed = self._loop.time()
+        return attempt.spec.lease
+
+    def _check_lease(self, attempt: Attempt) -> None:
+        """The lease timer: re-armed while renewals come, else the attempt is stopped.
+
+        Timers run on the loop's monotonic clock, which also counts time this process
+        spent stopped (SIGSTOP, a suspended host): a node resumed after a partition finds
+        its lease lapsed at its loop's first turn, before it reads renewals that were
+        sent while it was stopped and queued on its sockets."""
+        assert self._loop is not None
+        attempt.lease_timer = None
+        if attempt.ended:
+            return
+        left = attempt.renewed + attempt.spec.lease - self._loop.time()
+        if left > 0:
+            attempt.lease_timer = self._loop.call_later(left, self._check_lease, attempt)
+            return
+        reason = f"lease expired: no client for {attempt.spec.lease:g} s"
+        logger.warning("job %s: %s; stopping it", attempt.spec.job_id, reason)
+        job = self._jobs.get(attempt.spec.job_id)
+        if job is None or job.current is not attempt:
+            return
+        task = asyncio.ensure_future(
+            self.kill(attempt.spec.job_id, signal.SIGTERM, attempt.spec.kill_timeout, reason=reason)
+        )
+        self._expiries.add(task)
+        task.add_done_callback(self._expiries.discard)
+
     # -- exits and the failure policy ------------------------------------------------------
 
     def _on_exits(self, exits: list[Exit]) -> None:
         """Ranks have exited (a batch, when many died at once): record each, then end the
         attempts that have no rank left, and tell the watchers once per job."""
-        if self._watcher is not None:
-            self._watcher.drain()  # every write the ranks made is known (AttemptLogs.size)
+        self._watcher.drain()  # every write the ranks made is known (AttemptLogs.size)
         touched: dict[int, Attempt] = {}
         for (attempt, rank), code, exit_time in exits:
             attempt.record_exit(rank, code, exit_time)
@@ -289,8 +424,7 @@ class Supervisor:
         attempt.recorded = recorded
 
         def chores() -> None:
-            if self._watcher is not None:
-                self._watcher.unwatch(attempt.logs)
+            self._watcher.unwatch(attempt.logs)
             if job is None:
                 recorded.set_result(None)
                 return
@@ -321,11 +455,13 @@ class Supervisor:
         *,
         escalate: bool = True,
         reason: str | None = None,
+        requester: str = "",
     ) -> Attempt:
         """Stop the current attempt: `sig` to every rank's process tree, SIGKILL after
         `timeout`. Returns with the final states (bounded by timeout + SIGKILL_WAIT).
         A finished attempt is left as it is. With `escalate=False` only the signal is
-        delivered and the job runs on."""
+        delivered and the job runs on. The attempt ends KILLED with `reason`, else
+        "killed by Kill(SIGTERM)" and " from `requester`" when one is named."""
         attempt = self.job(job_id).current
         if attempt.ended:
             return attempt
@@ -334,7 +470,9 @@ class Supervisor:
             return attempt
         if attempt.state is JobState.RUNNING:
             attempt.state = JobState.KILLED
-            attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})"
+            attempt.reason = reason or f"killed by Kill({signal.Signals(sig).name})" + (
+                f" from {requester}" if requester else ""
+            )
             self._bump(job_id)
         async with self._spares.held():  # the ranks' exits get both CPUs
             await self._terminator.terminate(attempt, sig, timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -45,6 +46,8 @@ class Terminator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exits: procs.ExitWatcher[tuple[Attempt, Rank]] | None = None
         self._pids: set[int] = set()  # of the ranks that have not exited
+        self._protected: set[int] = set()  # the agent's other children (its guardian)
+        self._ours = _Either(self._pids, self._protected)  # never reaped as orphans
         self._orphans_waiting = False  # see _reap_orphans
 
     @property
@@ -53,26 +56,45 @@ class Terminator:
         return len(self._pids)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Begin watching exits (and adopting orphans) on `loop`."""
-        self._loop = loop
-        self._exits = procs.ExitWatcher(loop, self._exited)
+        """Begin watching exits (and adopting orphans) on `loop`. All or nothing: raises
+        OSError (no descriptor for the epoll set) with nothing started; can be called
+        again after that, or after `close`."""
+        exits: procs.ExitWatcher[tuple[Attempt, Rank]] = procs.ExitWatcher(loop, self._exited)
         if self._subreaper:
-            set_child_subreaper()
-            loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+            try:
+                set_child_subreaper()
+                loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+            except BaseException:
+                exits.close()
+                raise
+        self._loop, self._exits = loop, exits
+
+    def protect(self, pid: int) -> None:
+        """`pid`, a child of this process that is no rank (the guardian), is reaped by
+        its owner, never as an orphan."""
+        self._protected.add(pid)
+
+    def release(self, pid: int) -> None:
+        """Its owner has reaped `pid` (see `protect`)."""
+        self._protected.discard(pid)
+        if self._orphans_waiting and self._loop is not None:  # it may have held them up
+            self._loop.call_soon(self._reap_orphans)
 
     def adopt(self, attempt: Attempt) -> None:
-        """Take over a launched attempt's ranks. Their exits are watched from the loop's
-        next turn (after Start's answer): until then an exit waits as a zombie, as nobody
-        else reaps it."""
+        """Take over a launched attempt's ranks (each with its pidfd). Their exits are
+        watched from the loop's next turn (after Start's answer): until then an exit
+        waits as a zombie, as nobody else reaps it."""
         assert self._loop is not None
         self._pids.update(r.pid for r in attempt.ranks)
         self._loop.call_soon(self._watch, attempt)
 
     def _watch(self, attempt: Attempt) -> None:
-        if self._exits is None:  # closed meanwhile
-            return
         for rank in attempt.ranks:
-            self._exits.watch(rank.pid, (attempt, rank))
+            fd, rank.pidfd = rank.pidfd, -1
+            if self._exits is None:  # closed meanwhile
+                os.close(fd)
+            else:
+                self._exits.watch_fd(fd, rank.pid, (attempt, rank))
 
     def _exited(self, exits: list[Exit]) -> None:
         for (_, rank), _, _ in exits:
@@ -84,7 +106,7 @@ class Terminator:
     def _reap_orphans(self) -> None:
         # A rank's zombie ahead of an orphan's stops the sweep; the next rank exit
         # finishes it (SIGCHLDs merge, so there may be no other signal for that orphan).
-        self._orphans_waiting = not procs.reap_orphans(self._pids)
+        self._orphans_waiting = not procs.reap_orphans(self._ours)
 
     async def terminate(
         self, attempt: Attempt, sig: int, timeout: float, *, escalate: bool = True
@@ -154,6 +176,7 @@ class Terminator:
             self._exits = None
         if self._loop is not None and self._subreaper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
+        self._loop = None
 
 
 async def _survivors(attempt: Attempt, timeout: float) -> list[Rank]:
@@ -161,3 +184,15 @@ async def _survivors(attempt: Attempt, timeout: float) -> list[Rank]:
     return those still alive."""
     await attempt.wait_end(timeout)
     return [r for r in attempt.ranks if r.alive]
+
+
+class _Either:
+    """`pid in` either of two sets, without making their union at each look."""
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a: set[int], b: set[int]) -> None:
+        self._a, self._b = a, b
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._a or pid in self._b

@@ -30,12 +30,14 @@ if TYPE_CHECKING:
         ClusterError,
         InvalidArgument,
         JobFailed,
+        JobKilled,
         JobNotFound,
         NodeListError,
+        NodeLostError,
         RankdError,
     )
     from rankd.client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
-    from rankd.client.report import FailureReport, RankFailure
+    from rankd.client.report import FailureReport, NodeLost, RankFailure
     from rankd.client.results import NodeResult
     from rankd.client.streams import AsyncLogStream, AsyncStatusWatch, LogStream, StatusWatch
     from rankd.client.torchrun import LaunchConfig, LaunchResult, OutputLine, Progress, torchrun_env
@@ -60,6 +62,7 @@ _WHERE = {
     "FailureReport": "rankd.client.report",
     "InvalidArgument": "rankd.client.errors",
     "JobFailed": "rankd.client.errors",
+    "JobKilled": "rankd.client.errors",
     "JobNotFound": "rankd.client.errors",
     "JobSpec": "rankd.v1.agent_pb2",
     "JobStatus": "rankd.v1.agent_pb2",
@@ -69,6 +72,8 @@ _WHERE = {
     "LogStream": "rankd.client.streams",
     "Node": "rankd.client.nodes",
     "NodeListError": "rankd.client.errors",
+    "NodeLost": "rankd.client.report",
+    "NodeLostError": "rankd.client.errors",
     "NodeResult": "rankd.client.results",
     "OutputLine": "rankd.client.torchrun",
     "Progress": "rankd.client.torchrun",
@@ -100,6 +105,7 @@ __all__ = [
     "FailureReport",
     "InvalidArgument",
     "JobFailed",
+    "JobKilled",
     "JobNotFound",
     "JobSpec",
     "JobStatus",
@@ -109,6 +115,8 @@ __all__ = [
     "LogStream",
     "Node",
     "NodeListError",
+    "NodeLost",
+    "NodeLostError",
     "NodeResult",
     "OutputLine",
     "Progress",

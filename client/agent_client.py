@@ -9,6 +9,7 @@ Both speak ``rankd.v1.NodeAgent`` and return the contract's protobuf messages:
 ``stream(job_id, ...)`` an iterator of ``LogLine`` (:class:`LogStream`)
 ``watch(job_id, ...)``  an iterator of ``WatchResponse`` (:class:`StatusWatch`)
 ``kill(job_id, ...)``   ``JobStatus`` after the kill
+``renew(job_id)``       seconds left on the job's lease
 ``list()``              ``list[JobStatus]``
 ``info()``              ``InfoResponse``
 ``call(op)``            the whole answer of an RPC built by :mod:`rankd.client.rpc`
@@ -37,6 +38,7 @@ from google.protobuf.message import Message
 import rankd.client.rpc as rpc
 from rankd.client.clock import ClockEstimator, RoundTrip
 from rankd.client.errors import AgentUnavailable
+from rankd.client.liveness import Liveness, check_node_timeout, keepalive_options
 from rankd.client.nodes import Node
 from rankd.client.rpc import (
     CHANNEL_OPTIONS,
@@ -72,14 +74,23 @@ class _AgentBase:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         stream_retries: int = DEFAULT_STREAM_RETRIES,
+        node_timeout: float | None = None,
     ) -> None:
         self.address = str(address)
         self.timeout = timeout
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
         self._endpoint = Endpoint.of(self.address, token=token, tls=credentials is not None)
+        self._options = list(CHANNEL_OPTIONS)
+        if node_timeout is not None:
+            self._options += keepalive_options(check_node_timeout(node_timeout))
         self._channel = self._connect(credentials)
         self._stub = agent_pb2_grpc.NodeAgentStub(self._channel)
+
+    @property
+    def liveness(self) -> Liveness:
+        """What this client heard from its agent, and when (see rankd.client.liveness)."""
+        return self._endpoint.liveness
 
     def _connect(self, credentials: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError
@@ -87,11 +98,12 @@ class _AgentBase:
     def _send(self, op: Unary[R]) -> Any:
         """Start the RPC: its answer (blocking stub) or an awaitable of it (asyncio)."""
         method = getattr(self._stub, op.method)
-        timeout = self.timeout + op.extra_timeout
+        timeout = (self.timeout if op.deadline is None else op.deadline) + op.extra_timeout
         return method(op.request, timeout=timeout, metadata=self._endpoint.metadata)
 
     def _answer(self, op: Unary[R], resp: R, trip: RoundTrip) -> R:
         """Take the clock sample an answer carries; return the answer."""
+        self._endpoint.liveness.heard()
         if op.agent_time is not None and (stamp := op.agent_time(resp)) > 0:
             self.clock.add(trip.sample(stamp))
         return resp
@@ -111,12 +123,14 @@ class AgentClient(_AgentBase):
     ``--token-file``); ``credentials`` (``grpc.ssl_channel_credentials(...)``)
     switch the channel to TLS, with a client certificate for mutual TLS.
     ``stream_retries``: reconnects a log stream makes after UNAVAILABLE.
+    ``node_timeout`` (seconds, None = off): the channel pings the agent and closes a
+    connection that gets no answer within about that long (gRPC keepalive).
     """
 
     def _connect(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
         if credentials is not None:
-            return grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
-        return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            return grpc.secure_channel(self.address, credentials, options=self._options)
+        return grpc.insecure_channel(self.address, options=self._options)
 
     def call(self, op: Unary[R]) -> R:
         """Send one RPC built by :mod:`rankd.client.rpc`; its whole answer."""
@@ -171,12 +185,21 @@ class AgentClient(_AgentBase):
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
+        requester: str | None = None,
     ) -> agent_pb2.JobStatus:
         """Signal every rank's process tree; SIGKILL after ``timeout`` s (agent
         default 30) unless ``escalate`` is False. Returns the ``JobStatus`` after
-        the kill. Idempotent: killing an ended job answers its final state."""
-        op = rpc.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
+        the kill. Idempotent: killing an ended job answers its final state.
+        ``requester`` names who asks in the job's reason (default: this program,
+        host and pid)."""
+        op = rpc.kill(
+            job_id, signal=signal, timeout=timeout, escalate=escalate, requester=requester
+        )
         return self.call(op).job
+
+    def renew(self, job_id: str) -> float:
+        """Renew the job's lease (``JobSpec.lease``); seconds until it lapses."""
+        return self.call(rpc.renew(job_id)).remaining
 
     def stream(self, job_id: str, **options: Unpack[StreamOptions]) -> LogStream:
         """The job's log lines (``LogLine``), see :class:`LogStream`; ``options``
@@ -212,8 +235,8 @@ class AsyncAgentClient(_AgentBase):
 
     def _connect(self, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         if credentials is not None:
-            return grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
-        return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            return grpc.aio.secure_channel(self.address, credentials, options=self._options)
+        return grpc.aio.insecure_channel(self.address, options=self._options)
 
     async def call(self, op: Unary[R]) -> R:
         """Send one RPC built by :mod:`rankd.client.rpc`; its whole answer."""
@@ -253,9 +276,15 @@ class AsyncAgentClient(_AgentBase):
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
+        requester: str | None = None,
     ) -> agent_pb2.JobStatus:
-        op = rpc.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
+        op = rpc.kill(
+            job_id, signal=signal, timeout=timeout, escalate=escalate, requester=requester
+        )
         return (await self.call(op)).job
+
+    async def renew(self, job_id: str) -> float:
+        return (await self.call(rpc.renew(job_id))).remaining
 
     def stream(self, job_id: str, **options: Unpack[StreamOptions]) -> AsyncLogStream:
         return AsyncLogStream(

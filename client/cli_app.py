@@ -20,6 +20,8 @@ from rankd.client.cli_jobs import (
     EXIT_AUTH,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_KILLED,
+    EXIT_NODE_LOST,
     EXIT_OK,
     EXIT_TERMINATED,
     EXIT_USAGE,
@@ -30,13 +32,23 @@ from rankd.client.cli_jobs import (
     error,
     exit_code_for,
     node_list,
+    node_timeout,
 )
 from rankd.client.cli_parser import build_parser
 from rankd.client.cluster import Cluster
-from rankd.client.errors import AuthenticationFailed, JobFailed, RankdError, refusal
+from rankd.client.errors import AuthenticationFailed, JobFailed, JobKilled, RankdError, refusal
 from rankd.client.torchrun import OutputLine, Progress
 
-__all__ = ["EXIT_AUTH", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "run"]
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_KILLED",
+    "EXIT_NODE_LOST",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "run",
+]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -145,9 +157,13 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise ValueError("no command: rankd launch [OPTIONS] -- COMMAND [ARGS...]")
     nodes = node_list(args, environ)
     terminal = _Terminal(sys.stdout, sys.stderr, live=sys.stderr.isatty())
-    with _sigterm_as_interrupt(), Cluster(nodes, **connection(args)) as cluster:
+    settings = connection(args)
+    with (
+        _sigterm_as_interrupt(),
+        Cluster(nodes, node_timeout=node_timeout(args), **settings) as cluster,
+    ):
         try:
-            cluster.launch(
+            result = cluster.launch(
                 cmd,
                 nproc_per_node=args.nproc_per_node,
                 run_id=args.run_id,
@@ -162,19 +178,41 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 env=dict(args.env),
                 cwd=args.cwd,
                 kill_timeout=args.kill_timeout,
+                lease=args.lease,
+                detach=args.detach,
                 on_line=terminal.line,
                 on_event=terminal.event,
                 on_progress=terminal.progress if terminal.live else None,
             )
+        except JobKilled as killed:
+            terminal.finish()
+            print(killed.report.format(), file=sys.stderr, flush=True)
+            return EXIT_KILLED
         except JobFailed as failed:
             terminal.finish()
             print(failed.report.format(), file=sys.stderr, flush=True)
-            return EXIT_FAILED
+            return EXIT_NODE_LOST if failed.report.root_node is not None else EXIT_FAILED
         except KeyboardInterrupt:
             terminal.finish()
             raise
         terminal.finish()
+    if result.detached:
+        _print_detached(result.job_id, args, cluster.nodes)
     return EXIT_OK
+
+
+def _print_detached(run_id: str, args: argparse.Namespace, nodes: Sequence[object]) -> None:
+    """The run id on stdout (for scripts), how to follow it on stderr."""
+    where = f"--nodes {','.join(str(n) for n in nodes)}"
+    print(run_id, flush=True)
+    print(
+        f"rankd: job {run_id} runs detached (no lease: it runs until it ends or is killed)\n"
+        f"rankd:   follow it: rankd logs -f {run_id} {where}\n"
+        f"rankd:   its state: rankd status {run_id} {where}\n"
+        f"rankd:   stop it:   rankd kill {run_id} {where}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 _Command = Callable[[argparse.Namespace, Mapping[str, str]], int]

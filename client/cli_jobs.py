@@ -16,15 +16,19 @@ import grpc
 
 from rankd.client.cluster import AsyncCluster, Cluster
 from rankd.client.errors import JobNotFound, RankdError, refusal
+from rankd.client.liveness import check_node_timeout
 from rankd.client.nodes import Node, resolve_nodes
 from rankd.client.report import NodeView, build_report, format_ranks
 from rankd.client.results import NodeResult
+from rankd.client.rpc import default_requester
 from rankd.v1 import agent_pb2
 
 __all__ = [
     "EXIT_AUTH",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_KILLED",
+    "EXIT_NODE_LOST",
     "EXIT_OK",
     "EXIT_TERMINATED",
     "EXIT_USAGE",
@@ -36,6 +40,7 @@ __all__ = [
     "exit_code_for",
     "node_error",
     "node_list",
+    "node_timeout",
 ]
 
 EXIT_OK = 0
@@ -43,6 +48,12 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: An agent refused this client: token, TLS settings or permissions (no retry helps).
 EXIT_AUTH = 3
+#: `rankd launch`: the job was killed by another client (`rankd kill`), its lease, or
+#: an agent shutting down; KILLED, not failed.
+EXIT_KILLED = 4
+#: `rankd launch`: a node was lost (silent for --node-timeout, or refusing
+#: connections) and is the root cause of the failure.
+EXIT_NODE_LOST = 5
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -87,6 +98,11 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
             certificate_chain=_read(args.tls_cert, "certificate file") if args.tls_cert else None,
         )
     return {"timeout": args.timeout, "token": token, "credentials": credentials}
+
+
+def node_timeout(args: argparse.Namespace) -> float:
+    """--node-timeout, checked (a usage error when it is not a positive number)."""
+    return check_node_timeout(args.node_timeout)
 
 
 def node_list(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Node]:
@@ -163,7 +179,12 @@ def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         view = NodeView(str(result.node), name, node_rank, offset, clocks[result.node_rank])
         views.append((view, status))
     if any(status.failures for _, status in views):
-        report = build_report(args.run_id, views, world_size=world, restart_count=attempt)
+        # killed by a client, not failed: say who, and name no root cause
+        reasons = [s.reason for _, s in views if s.state == agent_pb2.KILLED]
+        killed_by = reasons[0] if overall == "KILLED" and reasons else ""
+        report = build_report(
+            args.run_id, views, world_size=world, restart_count=attempt, killed_by=killed_by
+        )
         print(report.format())
     return EXIT_OK
 
@@ -252,7 +273,11 @@ def cmd_kill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     nodes = node_list(args, environ)
     with Cluster(nodes, **connection(args)) as cluster:
         results = cluster.kill(
-            args.run_id, signal=args.signal, timeout=args.grace, escalate=not args.no_escalate
+            args.run_id,
+            signal=args.signal,
+            timeout=args.grace,
+            escalate=not args.no_escalate,
+            requester=args.requester or default_requester("rankd kill"),
         )
         names = cluster.names
     if not any(r.ok for r in results):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import TypeAlias
 
+from rankd.client.liveness import DEFAULT_NODE_TIMEOUT
 from rankd.client.nodes import DEFAULT_PORT
 from rankd.client.rpc import DEFAULT_TIMEOUT
-from rankd.client.torchrun import DEFAULT_PREFIX_TEMPLATE
+from rankd.client.torchrun import DEFAULT_LEASE, DEFAULT_PREFIX_TEMPLATE
 
 __all__ = ["build_parser"]
 
@@ -40,10 +41,12 @@ default to --port ({DEFAULT_PORT}, rankd-agent's default).
 
 
 _EXIT_CODES = """\
-exit codes: 0 success; 1 the job failed (report on stderr); 2 usage error,
-unreachable node or bad request; 3 an agent refused this client (token, TLS
-settings or its policy); 130 after Ctrl-C, 143 after SIGTERM (the job is
-stopped on every node first).
+exit codes: 0 success (or, with --detach, started); 1 the job failed (report on
+stderr); 2 usage error, unreachable node or bad request; 3 an agent refused this
+client (token, TLS settings or its policy); 4 the job was killed by another
+client, its lease or an agent's shutdown (KILLED report on stderr); 5 a node was
+lost (silent for --node-timeout or refusing connections) and is the root cause;
+130 after Ctrl-C, 143 after SIGTERM (the job is stopped on every node first).
 """
 
 
@@ -164,6 +167,7 @@ def _add_launch(sub: _Commands) -> None:
     job = launch.add_argument_group("job")
     _add_job_args(job)
     _add_rank_env_args(job)
+    _add_liveness_args(launch.add_argument_group("lost nodes and launchers"))
     _add_output_args(launch.add_argument_group("output (as torchrun)"))
     launch.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
@@ -230,6 +234,33 @@ def _add_rank_env_args(job: argparse._ArgumentGroup) -> None:
         default=30.0,
         metavar="SECONDS",
         help="grace between SIGTERM and SIGKILL when stopping ranks (default: %(default)s)",
+    )
+
+
+def _add_liveness_args(group: argparse._ArgumentGroup) -> None:
+    """When a node counts as lost; how the job outlives (or not) this launcher."""
+    group.add_argument(
+        "--node-timeout",
+        type=float,
+        default=DEFAULT_NODE_TIMEOUT,
+        metavar="SECONDS",
+        help="a node from which nothing arrived for this long is lost; the job is "
+        "stopped on the others (a refused connection: after about 1.5 s) "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help="the agents stop the job when this launcher has not renewed its lease for "
+        "this long (it died or was cut off); 0 = no lease (default: %(default)s)",
+    )
+    group.add_argument(
+        "--detach",
+        action="store_true",
+        help="start the job without a lease, print its run id and exit 0; follow it "
+        "with `rankd logs -f RUN_ID`",
     )
 
 
@@ -329,5 +360,11 @@ def _add_kill(sub: _Commands) -> None:
     )
     kill.add_argument(
         "--no-escalate", action="store_true", help="only deliver the signal; no SIGKILL, no wait"
+    )
+    kill.add_argument(
+        "--requester",
+        metavar="NAME",
+        help="who asks, as the job's reason and its launcher's report will say "
+        "(default: rankd kill on HOST (pid N))",
     )
     _add_node_args(kill)

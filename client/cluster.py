@@ -11,6 +11,12 @@ answers ``poll`` from what the agents pushed, without a round trip; a node whose
 watch is down is polled as before while its watch reconnects. At most
 :data:`MAX_WATCHED_JOBS` jobs are watched; the least recently asked one is dropped.
 
+Liveness: every channel pings its agent (gRPC keepalive) and every answer counts as
+a sign of life (:mod:`rankd.client.liveness`). ``wait`` gives up on a node from which
+nothing arrived for ``node_timeout`` seconds, or whose connection stayed refused for
+:data:`~rankd.client.liveness.REFUSED_GRACE` seconds: that node answers
+:class:`~rankd.client.errors.NodeLostError`, whose ``loss`` says why and when.
+
 ``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread; launch
 callbacks (``on_line``, ``on_event``, ``on_progress``) run on that thread.
 Ctrl-C in a blocking call cancels it, and a cancelled ``launch`` kills the job
@@ -32,10 +38,13 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 import rankd.client.rpc as rpc
+from rankd.client import watches as watch_defaults
 from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
-from rankd.client.errors import AgentTimeout, RankdError
+from rankd.client.errors import AgentTimeout, AgentUnavailable, NodeLostError, RankdError
 from rankd.client.launch import run_launch
+from rankd.client.liveness import DEFAULT_NODE_TIMEOUT, check_node_timeout
 from rankd.client.nodes import Node, parse_nodes
+from rankd.client.report import NodeLost
 from rankd.client.results import NodeResult
 from rankd.client.torchrun import LaunchOptions, LaunchResult, launch_settings
 from rankd.client.watches import NodeWatch
@@ -45,6 +54,8 @@ __all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
 
 #: Jobs whose statuses a cluster keeps watched at once.
 MAX_WATCHED_JOBS = 16
+#: Most seconds between two liveness checks of a waiting call.
+_TICK = 0.25
 
 T = TypeVar("T")
 
@@ -65,7 +76,10 @@ def display_names(nodes: Sequence[Node]) -> list[str]:
 
 
 class AsyncCluster:
-    """Concurrent calls to many agents (asyncio). Create it inside its event loop."""
+    """Concurrent calls to many agents (asyncio). Create it inside its event loop.
+
+    ``timeout``: deadline of each unary RPC; ``node_timeout``: seconds of silence after
+    which ``wait`` and ``launch`` give up on a node (see the module doc)."""
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class AsyncCluster:
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        node_timeout: float = DEFAULT_NODE_TIMEOUT,
     ) -> None:
         self.nodes = [_as_node(n) for n in nodes]
         if not self.nodes:
@@ -82,8 +97,15 @@ class AsyncCluster:
             raise ValueError("a node appears twice in the cluster")
         self.names = display_names(self.nodes)
         self.timeout = timeout
+        self.node_timeout = check_node_timeout(node_timeout)
         self.clients = [
-            AsyncAgentClient(n, timeout=timeout, token=token, credentials=credentials)
+            AsyncAgentClient(
+                n,
+                timeout=timeout,
+                token=token,
+                credentials=credentials,
+                node_timeout=self.node_timeout,
+            )
             for n in self.nodes
         ]
         self._watches: OrderedDict[str, builtins.list[NodeWatch]] = OrderedDict()
@@ -169,14 +191,24 @@ class AsyncCluster:
                 return False
         return True
 
+    def node_watches(self, job_id: str) -> builtins.list[NodeWatch]:
+        """The job's :class:`NodeWatch` per node, in node order (opened if needed)."""
+        return self._watch(job_id)
+
     def _watch(self, job_id: str) -> builtins.list[NodeWatch]:
         """The job's watches, opened on first use; the least recently used job's
-        are dropped beyond MAX_WATCHED_JOBS."""
+        are dropped beyond MAX_WATCHED_JOBS. Their heartbeats come often enough for
+        ``node_timeout``."""
         watches = self._watches.get(job_id)
         if watches is not None:
             self._watches.move_to_end(job_id)
             return watches
-        watches = [NodeWatch(c, job_id) for c in self.clients]
+        heartbeat = min(watch_defaults.HEARTBEAT, self.node_timeout / 4)
+        stale = min(watch_defaults.STALE_AFTER, self.node_timeout)
+        watches = [
+            NodeWatch(c, job_id, heartbeat=max(heartbeat, 0.1), stale_after=stale)
+            for c in self.clients
+        ]
         self._watches[job_id] = watches
         while len(self._watches) > MAX_WATCHED_JOBS:
             _, old = self._watches.popitem(last=False)
@@ -194,29 +226,56 @@ class AsyncCluster:
     ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """Wait until the job has ended on every node; final ``JobStatus`` per node.
 
-        Event-driven on the job's watches (see :meth:`poll`); a node whose watch
-        is down waits on a log stream as :meth:`AsyncAgentClient.wait` does. A
-        node that has not ended within ``timeout`` seconds answers ``AgentTimeout``.
+        Event-driven on the job's watches (see :meth:`poll`), which reconnect while
+        down. A node that is lost (nothing heard for ``node_timeout`` seconds, or a
+        refused connection for longer than a moment) answers ``NodeLostError`` and
+        is not waited on again; one whose watch fails otherwise (unknown job, a
+        refused token) answers that error; one that has not ended within
+        ``timeout`` seconds answers ``AgentTimeout``.
         """
         watches = self._watch(job_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
 
         async def one(i: int) -> agent_pb2.JobStatus:
             watch = watches[i]
+            liveness = self.clients[i].liveness
             while True:
                 if watch.live and watch.ended:
                     return watch.snapshot()
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                if watch.error is not None:
-                    return await self.clients[i].wait(job_id, timeout=left)
-                if not await watch.changed(left):
+                error = watch.error
+                if error is not None and not isinstance(error, AgentUnavailable | AgentTimeout):
+                    raise error
+                verdict = liveness.verdict(self.node_timeout, since=began)
+                if verdict is not None:
+                    raise NodeLostError(self._loss(i, watch, *verdict))
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     raise AgentTimeout(
                         str(self.nodes[i]),
                         "DEADLINE_EXCEEDED",
                         f"job {job_id!r} did not end within {timeout:g}s",
                     )
+                await watch.changed(_TICK if left is None else min(left, _TICK))
 
         return await self._each(one)
+
+    def _loss(self, i: int, watch: NodeWatch, why: str, since: float) -> NodeLost:
+        """Node ``i`` lost: its global ranks as the job's spec there last said."""
+        ranks: tuple[int, ...] = ()
+        status = watch.last_seen
+        if status is not None and status.HasField("spec"):
+            offset = status.spec.rank_offset
+            ranks = tuple(range(offset, offset + status.nprocs))
+        return NodeLost(
+            node=self.names[i],
+            address=str(self.nodes[i]),
+            node_rank=i,
+            global_ranks=ranks,
+            why=why,
+            since=since,
+            detected=time.time(),
+        )
 
     async def kill(
         self,
@@ -225,12 +284,17 @@ class AsyncCluster:
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
+        requester: str | None = None,
     ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         """Kill the job on every node; ``JobStatus`` after the kill per node.
+        ``requester`` names who asks in the killed job's reason (default: this
+        program, host and pid).
 
         A later watch-fed :meth:`poll` shows at least the states these answers show."""
         watches = self._watches.get(job_id)
-        op = rpc.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
+        op = rpc.kill(
+            job_id, signal=signal, timeout=timeout, escalate=escalate, requester=requester
+        )
 
         async def one(i: int) -> agent_pb2.JobStatus:
             resp = await self.clients[i].call(op)
@@ -247,10 +311,11 @@ class AsyncCluster:
         :class:`~rankd.client.torchrun.LaunchConfig` (``nproc_per_node``, ``run_id``,
         ``max_restarts``, ``redirects``, ``tee``, ``local_ranks_filter``,
         ``log_line_prefix_template``, ``master_addr``, ``master_port``, ``role_name``,
-        ``env``, ``cwd``, ``kill_timeout``) and of
+        ``env``, ``cwd``, ``kill_timeout``, ``lease``, ``detach``) and of
         :class:`~rankd.client.torchrun.LaunchHooks` (``on_line``, ``on_event``,
         ``on_progress``, ``progress_interval``, ``stdout``, ``stderr``).
-        Raises ``JobFailed`` with the report when the job failed.
+        Raises ``JobFailed`` with the report when the job failed (a lost node
+        included: ``report.root_node``), ``JobKilled`` when another client killed it.
         """
         config, hooks = launch_settings(cmd, options)
         return await run_launch(self, config, hooks)
@@ -349,11 +414,18 @@ class Cluster:
         timeout: float = DEFAULT_TIMEOUT,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        node_timeout: float = DEFAULT_NODE_TIMEOUT,
     ) -> None:
         self._runner = _LoopThread()
 
         async def make() -> AsyncCluster:
-            return AsyncCluster(nodes, timeout=timeout, token=token, credentials=credentials)
+            return AsyncCluster(
+                nodes,
+                timeout=timeout,
+                token=token,
+                credentials=credentials,
+                node_timeout=node_timeout,
+            )
 
         try:
             self._async = self._runner.run(make())
@@ -395,9 +467,12 @@ class Cluster:
         signal: str | int = "SIGTERM",
         timeout: float | None = None,
         escalate: bool = True,
+        requester: str | None = None,
     ) -> builtins.list[NodeResult[agent_pb2.JobStatus]]:
         return self._runner.run(
-            self._async.kill(job_id, signal=signal, timeout=timeout, escalate=escalate)
+            self._async.kill(
+                job_id, signal=signal, timeout=timeout, escalate=escalate, requester=requester
+            )
         )
 
     def launch(self, cmd: Sequence[str], **options: Unpack[LaunchOptions]) -> LaunchResult:
@@ -406,7 +481,9 @@ class Cluster:
         config, hooks = launch_settings(cmd, options)
         return self._runner.run(
             run_launch(self._async, config, hooks),
-            cleanup_timeout=config.kill_timeout + 2 * self._async.timeout,
+            cleanup_timeout=config.kill_timeout
+            + 2 * min(self._async.timeout, self._async.node_timeout)
+            + 2,
         )
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from rankd.client.report import FailureReport
+    from rankd.client.report import FailureReport, NodeLost
 
 __all__ = [
     "AgentError",
@@ -25,8 +25,10 @@ __all__ = [
     "ClusterError",
     "InvalidArgument",
     "JobFailed",
+    "JobKilled",
     "JobNotFound",
     "NodeListError",
+    "NodeLostError",
     "RankdError",
     "agent_error",
     "cluster_error",
@@ -83,6 +85,18 @@ class AgentTimeout(AgentError, TimeoutError):
 
     def _describe(self) -> str:
         return f"no answer within the deadline ({self.details or self.code})"
+
+
+class NodeLostError(AgentUnavailable):
+    """The client gave up on a node (see :mod:`rankd.client.liveness`): ``loss`` says
+    which node, its global ranks when known, why and when."""
+
+    def __init__(self, loss: NodeLost) -> None:
+        self.loss = loss
+        super().__init__(loss.address, "UNAVAILABLE", loss.why)
+
+    def _describe(self) -> str:
+        return f"node lost: {self.details}"
 
 
 _BY_CODE: dict[grpc.StatusCode, type[AgentError]] = {
@@ -187,6 +201,19 @@ class JobFailed(RankdError):
 
     ``report`` is the :class:`rankd.client.report.FailureReport`; ``str(err)`` is its
     formatted text, root cause first.
+    """
+
+    def __init__(self, report: FailureReport) -> None:
+        self.report = report
+        super().__init__(report.format())
+
+
+class JobKilled(RankdError):
+    """A launched job was stopped by a Kill it did not send (another client, an
+    operator, its lease, the agent shutting down): KILLED, never a failure.
+
+    ``report`` is the :class:`rankd.client.report.FailureReport` with ``state``
+    ``"KILLED"``, ``killed_by`` saying who, and no root cause.
     """
 
     def __init__(self, report: FailureReport) -> None:

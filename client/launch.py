@@ -10,6 +10,16 @@
   terminal to some local ranks. Every line stays in the agents' log files.
 - All-or-nothing: the first failure on any node (a failed rank, a lost agent)
   kills the job on every node (SIGTERM, SIGKILL after ``kill_timeout``).
+- Liveness: a node from which nothing arrived for the cluster's ``node_timeout``
+  seconds, or whose connection stayed refused for a moment, is lost: it is never
+  called again, the stop on the others goes ahead without it (every call there has
+  a deadline), and the report names it as the root cause (unless a rank failed on
+  its own before it went silent).
+- Lease: the launch renews the job's lease (``lease`` seconds) on every node while
+  it runs; an agent that hears nothing for that long stops its ranks itself.
+- A job that another client kills ends :class:`rankd.client.errors.JobKilled`,
+  never failed, and is not restarted. ``detach`` starts the job without a lease
+  and returns at once.
 - ``max_restarts``: a failed attempt is stopped everywhere and attempt
   ``restart_count + 1`` starts on every node, up to ``max_restarts`` times.
 - Failure: :class:`rankd.client.errors.JobFailed` with the :mod:`rankd.client.report`.
@@ -23,16 +33,28 @@ so this module does not depend on the cluster that calls it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from string import Template
 from typing import Protocol
 
+import rankd.client.rpc as rpc
 from rankd.client.agent_client import AsyncAgentClient
-from rankd.client.errors import AgentError, JobFailed, JobNotFound, RankdError, cluster_error
+from rankd.client.errors import (
+    AgentError,
+    JobFailed,
+    JobKilled,
+    JobNotFound,
+    RankdError,
+    cluster_error,
+)
 from rankd.client.nodes import Node
-from rankd.client.report import FailureReport, NodeView, RankFailure, build_report
+from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
 from rankd.client.results import NodeResult
 from rankd.client.streams import StreamOptions, follow_to_end
 from rankd.client.torchrun import (
@@ -47,14 +69,13 @@ from rankd.client.torchrun import (
     torchrun_defaults,
     torchrun_env,
 )
+from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
 
 __all__ = ["Fleet", "run_launch"]
 
 logger = logging.getLogger(__name__)
 
-# Consecutive failed Polls after which a node counts as lost.
-_LOST_AFTER = 3
 _STD_BITS = {"stdout": 1, "stderr": 2}
 
 
@@ -71,9 +92,15 @@ class Fleet(Protocol):
     @property
     def clients(self) -> Sequence[AsyncAgentClient]: ...
 
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def node_timeout(self) -> float: ...
+
     async def info(self) -> list[NodeResult[agent_pb2.InfoResponse]]: ...
 
-    async def poll(self, job_id: str) -> list[NodeResult[agent_pb2.JobStatus]]: ...
+    def node_watches(self, job_id: str) -> list[NodeWatch]: ...
 
 
 class _Launch:
@@ -181,6 +208,7 @@ class _Launch:
             ),
             rank_offset=node_rank * cfg.nproc_per_node,
             kill_timeout=cfg.kill_timeout,
+            lease=0.0 if cfg.detach else cfg.lease,
         )
         for local_rank, env in per_rank.items():
             spec.rank_env[local_rank].env.update(env)
@@ -214,6 +242,14 @@ class _Launch:
         await self.cluster.info()  # a second round trip: a tighter clock estimate
         master_addr = self.config.master_addr or self.cluster.nodes[0].host
         restart_count = 0
+        if self.config.detach:
+            port = self.config.master_port or infos[0].free_port
+            self.event(
+                f"starting job {self.run_id} detached, {_count(self.world_size, 'rank')} on "
+                f"{_count(self.nnodes, 'node')} (MASTER_ADDR={master_addr} MASTER_PORT={port})"
+            )
+            statuses = await self.start(0, master_addr, port)
+            return LaunchResult(self.run_id, 0, self.world_size, tuple(statuses), detached=True)
         try:
             while True:
                 port = self.config.master_port or infos[0].free_port
@@ -221,7 +257,9 @@ class _Launch:
                 if not isinstance(report, FailureReport):
                     self.event(f"job {self.run_id} succeeded (attempt {restart_count})")
                     return LaunchResult(self.run_id, restart_count, self.world_size, report)
-                if restart_count >= self.config.max_restarts or report.node_errors:
+                if report.state == "KILLED":
+                    raise JobKilled(report)
+                if restart_count >= self.config.max_restarts or report.lost_nodes:
                     raise JobFailed(report)
                 restart_count += 1
                 self.event(
@@ -237,21 +275,40 @@ class _Launch:
             await asyncio.shield(self.kill_everywhere())
             raise
 
-    async def kill_everywhere(self, only: Sequence[int] | None = None) -> None:
-        """Kill the job on every node (or the node ranks in ``only``); report, not
-        raise, the nodes where that failed."""
-        ranks = range(self.nnodes) if only is None else only
+    async def kill_everywhere(
+        self,
+        only: Sequence[int] | None = None,
+        *,
+        skip: set[int] | frozenset[int] = frozenset(),
+        why: str = "",
+    ) -> dict[int, agent_pb2.JobStatus]:
+        """Kill the job on every node (or the node ranks in ``only``) but those in
+        ``skip`` (lost nodes), all at once; each call has a deadline (the kill timeout
+        plus the node timeout). Returns the answers by node rank; reports, not raises,
+        the nodes where that failed. The agents record this launch as the requester."""
+        ranks = [i for i in (range(self.nnodes) if only is None else only) if i not in skip]
+        requester = f"rankd launch on {socket.gethostname()} (pid {os.getpid()})"
+        if why:
+            requester += f": {why}"
+        deadline = min(self.cluster.timeout, self.cluster.node_timeout) + 1.0
+        op = rpc.kill(
+            self.run_id,
+            timeout=self.config.kill_timeout,
+            requester=requester[:256],
+            deadline=deadline,
+        )
+        answers: dict[int, agent_pb2.JobStatus] = {}
 
         async def one(i: int) -> None:
-            client = self.cluster.clients[i]
             try:
-                await client.kill(self.run_id, timeout=self.config.kill_timeout)
+                answers[i] = (await self.cluster.clients[i].call(op)).job
             except JobNotFound:
                 pass
             except RankdError as err:
                 self.event(f"could not kill job {self.run_id} on {self.cluster.names[i]}: {err}")
 
         await asyncio.gather(*(one(i) for i in ranks))
+        return answers
 
     async def start(
         self, restart_count: int, master_addr: str, port: int
@@ -299,7 +356,12 @@ class _Launch:
 
 
 class _Attempt:
-    """Following, watching and (on failure) stopping one attempt on every node."""
+    """Following, watching and (on failure) stopping one attempt on every node.
+
+    Liveness: a monitor checks every node each tick (:mod:`rankd.client.liveness`);
+    a lost node's follower is cancelled, the node is never called again, and the
+    stop of the job on the other nodes goes ahead without it. While the attempt
+    runs, its lease is renewed on every node that is not lost."""
 
     def __init__(self, launch: _Launch, restart_count: int) -> None:
         self.launch = launch
@@ -307,9 +369,11 @@ class _Attempt:
         self.restart_count = restart_count
         n = launch.nnodes
         self.finals: list[agent_pb2.JobStatus | None] = [None] * n
-        self.lost: dict[int, str] = {}
+        self.lost: dict[int, NodeLost] = {}
         self.failed = asyncio.Event()
         self.first_failure: str | None = None
+        self.killed_by = ""  # a node's reason, when a Kill this launch did not send ended it
+        self.began = time.monotonic()
 
     def fail(self, why: str) -> None:
         if not self.failed.is_set():
@@ -317,9 +381,24 @@ class _Attempt:
             self.launch.event(f"{why}; stopping job {self.launch.run_id} on every node")
             self.failed.set()
 
+    def lose(self, i: int, why: str, since: float) -> None:
+        """Give up on node ``i``: it is never called again in this launch."""
+        if i in self.lost:
+            return
+        npn = self.launch.config.nproc_per_node
+        self.lost[i] = NodeLost(
+            node=self.cluster.names[i],
+            address=str(self.cluster.nodes[i]),
+            node_rank=i,
+            global_ranks=tuple(range(i * npn, (i + 1) * npn)),
+            why=why,
+            since=since,
+            detected=time.time(),
+        )
+        self.fail(f"node {self.cluster.names[i]} lost: {why}")
+
     async def follow(self, i: int) -> None:
         client = self.cluster.clients[i]
-        name = self.cluster.names[i]
         try:
             options = self.launch.stream_options(self.restart_count)
             async with client.stream(self.launch.run_id, **options) as lines:
@@ -327,15 +406,21 @@ class _Attempt:
                     self.launch.emit(i, line, self.restart_count)
                 self.finals[i] = lines.final
         except AgentError as err:
-            self.lost.setdefault(i, str(err))
-            self.fail(f"node {name} lost: {err}")
+            # a stream that gave up: the node is lost, unless liveness said so first
+            self.lose(i, f"its log stream failed: {err.details or err.code}", time.time())
             return
         except Exception as err:
-            self.fail(f"error while following {name}: {err!r}")
+            self.fail(f"error while following {self.cluster.names[i]}: {err!r}")
             raise
         final = self.finals[i]
         assert final is not None  # a follow stream that ran to its end carries the status
-        if final.state != agent_pb2.SUCCEEDED:
+        if final.state == agent_pb2.KILLED and not self.failed.is_set():
+            # not ours (we kill only after fail()): another client, the lease, the agent
+            self.killed_by = final.reason or "killed"
+            self.fail(
+                f"job {self.launch.run_id} was killed on {self.cluster.names[i]}: {self.killed_by}"
+            )
+        elif final.state != agent_pb2.SUCCEEDED:
             self.fail(self.describe_end(i, final))
 
     def describe_end(self, i: int, final: agent_pb2.JobStatus) -> str:
@@ -351,46 +436,82 @@ class _Attempt:
         state = agent_pb2.JobState.Name(final.state)
         return f"job {state} on {name}" + (f" ({final.reason})" if final.reason else "")
 
-    async def watch(self, followers: list[asyncio.Task[None]]) -> None:
-        """Poll every node: progress, clock samples, and lost-node detection."""
-        misses = [0] * self.launch.nnodes
+    async def monitor(self, followers: list[asyncio.Task[None]]) -> None:
+        """Liveness of every node still followed, and progress (from the watches)."""
+        launch = self.launch
+        node_timeout = self.cluster.node_timeout
+        watches = self.cluster.node_watches(launch.run_id)
+        tick = min(0.25, node_timeout / 8)
+        next_progress = time.monotonic() + launch.interval
         while True:
-            await asyncio.sleep(self.launch.interval)
-            results = await self.cluster.poll(self.launch.run_id)
-            counts = dict.fromkeys(range(5), 0)
-            for i, result in enumerate(results):
-                if result.error is None:
-                    misses[i] = 0
-                    for rank in result.unwrap().ranks:
-                        counts[rank.state] = counts.get(rank.state, 0) + 1
+            await asyncio.sleep(tick)
+            for i, follower in enumerate(followers):
+                if i in self.lost or follower.done():
                     continue
-                misses[i] += 1
-                if misses[i] >= _LOST_AFTER and not followers[i].done():
-                    self.lost[i] = f"not answering: {result.error}"
-                    followers[i].cancel()
-                    self.fail(f"node {self.cluster.names[i]} lost: {result.error}")
-            if self.launch.hooks.on_progress is not None:
-                self.launch.hooks.on_progress(
-                    Progress(
-                        restart_count=self.restart_count,
-                        world_size=self.launch.world_size,
-                        running=counts[agent_pb2.RANK_RUNNING],
-                        succeeded=counts[agent_pb2.RANK_SUCCEEDED],
-                        failed=counts[agent_pb2.RANK_FAILED],
-                        terminated=counts[agent_pb2.RANK_TERMINATED],
-                        unreachable_nodes=sum(1 for m in misses if m),
-                    )
-                )
+                verdict = self.cluster.clients[i].liveness.verdict(node_timeout, since=self.began)
+                if verdict is not None:
+                    follower.cancel()
+                    self.lose(i, *verdict)
+            if launch.hooks.on_progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + launch.interval
+                launch.hooks.on_progress(self.progress(watches))
+
+    def progress(self, watches: Sequence[NodeWatch]) -> Progress:
+        counts = dict.fromkeys(range(5), 0)
+        down = 0
+        for i, watch in enumerate(watches):
+            if i in self.lost or not watch.live or watch.status is None:
+                down += 1
+                continue
+            for rank in watch.status.ranks:
+                counts[rank.state] = counts.get(rank.state, 0) + 1
+        return Progress(
+            restart_count=self.restart_count,
+            world_size=self.launch.world_size,
+            running=counts[agent_pb2.RANK_RUNNING],
+            succeeded=counts[agent_pb2.RANK_SUCCEEDED],
+            failed=counts[agent_pb2.RANK_FAILED],
+            terminated=counts[agent_pb2.RANK_TERMINATED],
+            unreachable_nodes=down,
+        )
+
+    async def renew(self) -> None:
+        """Renew the lease on every node not lost, every third of the lease."""
+        lease = self.launch.config.lease
+        if lease <= 0:
+            return
+        every = lease / 3
+        deadline = min(self.cluster.timeout, self.cluster.node_timeout, every)
+        op = rpc.renew(self.launch.run_id, deadline=deadline)
+
+        async def one(i: int) -> None:
+            with contextlib.suppress(RankdError):  # liveness has taken note
+                await self.cluster.clients[i].call(op)
+
+        while True:
+            live = [i for i in range(self.launch.nnodes) if i not in self.lost]
+            await asyncio.gather(*(one(i) for i in live))
+            await asyncio.sleep(every)
 
     async def stop_on_failure(self) -> None:
         await self.failed.wait()
-        await self.launch.kill_everywhere()
+        ended = [i for i, s in enumerate(self.finals) if s is not None]
+        answers = await self.launch.kill_everywhere(
+            skip=set(self.lost) | set(ended), why=self.first_failure or ""
+        )
+        for i, status in answers.items():
+            if self.finals[i] is None and status.restart_count == self.restart_count:
+                self.finals[i] = status
 
     async def run(self) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
         """Each node's final status when every rank succeeded, else the report."""
         n = self.launch.nnodes
+        self.cluster.node_watches(self.launch.run_id)  # heartbeats: signs of life
         followers = [asyncio.create_task(self.follow(i)) for i in range(n)]
-        watcher = asyncio.create_task(self.watch(followers))
+        helpers = [
+            asyncio.create_task(self.monitor(followers)),
+            asyncio.create_task(self.renew()),
+        ]
         stopper = asyncio.create_task(self.stop_on_failure())
         try:
             outcomes = await asyncio.gather(*followers, return_exceptions=True)
@@ -398,21 +519,38 @@ class _Attempt:
                 await stopper
             for outcome in outcomes:  # a bug (e.g. in on_line) is not a node failure
                 if isinstance(outcome, Exception):
-                    await self.launch.kill_everywhere()
+                    await self.launch.kill_everywhere(skip=set(self.lost))
+                    await self.settle()  # a poll after the raise reads the kill
                     raise outcome
         finally:
-            for task in (*followers, watcher, stopper):
+            for task in (*followers, *helpers, stopper):
                 task.cancel()
-        # Final polls: a last clock sample, and the status of nodes whose stream broke.
-        for i, result in enumerate(await self.cluster.poll(self.launch.run_id)):
-            if self.finals[i] is None and result.ok:
-                status = result.unwrap()
-                if status.restart_count == self.restart_count:
-                    self.finals[i] = status
+        await self.settle()
         succeeded = [s for s in self.finals if s is not None and s.state == agent_pb2.SUCCEEDED]
         if not self.lost and len(succeeded) == len(self.finals):
             return tuple(succeeded)
         return self.report()
+
+    async def settle(self, timeout: float = 1.0) -> None:
+        """Wait (at most ``timeout`` s) until the watch of every node whose end this
+        attempt saw shows that end too, so that a ``poll`` after the launch reads it:
+        the watch's push and the log stream's end message travel apart."""
+        watches = self.cluster.node_watches(self.launch.run_id)
+        deadline = time.monotonic() + timeout
+
+        async def one(watch: NodeWatch) -> None:
+            while watch.live and not watch.ended:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await watch.changed(left):
+                    return
+
+        await asyncio.gather(
+            *(
+                one(watches[i])
+                for i, final in enumerate(self.finals)
+                if final is not None and i not in self.lost
+            )
+        )
 
     def report(self) -> FailureReport:
         views = [
@@ -430,8 +568,9 @@ class _Attempt:
             list(zip(views, self.finals, strict=True)),
             world_size=self.launch.world_size,
             restart_count=self.restart_count,
-            node_errors=[(self.cluster.names[i], err) for i, err in sorted(self.lost.items())],
             reason=self.first_failure or "",
+            lost=list(self.lost.values()),
+            killed_by=self.killed_by,
         )
 
 

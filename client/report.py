@@ -11,8 +11,12 @@ Rules, stated once:
 - Timestamps are corrected onto the client's clock with each agent's estimated
   offset (:mod:`rankd.client.clock`), so failures order across nodes.
 - Root cause = the earliest corrected failure among ranks that failed on their
-  own (not ``terminated_by_agent``); when every rank was terminated (a Kill),
+  own (not ``terminated_by_agent``), or a lost node (:class:`NodeLost`) when it
+  went silent before that failure (or no rank failed on its own); the other
+  lost nodes are listed. When every rank was terminated and no node was lost,
   the earliest of all.
+- A job stopped by a Kill the launch did not send is KILLED: the report names
+  who killed it and lists the terminated ranks, and shows no root cause.
 - When the next own failure on another node is closer to the root cause than
   the two clocks' combined uncertainty, the report says so.
 - Fold key: terminated or not, exit code, signal, and the message with its
@@ -32,6 +36,7 @@ from rankd.client.clock import ClockSample
 __all__ = [
     "FailureGroup",
     "FailureReport",
+    "NodeLost",
     "NodeView",
     "RankFailure",
     "build_report",
@@ -58,6 +63,28 @@ class NodeView:
     node_rank: int
     rank_offset: int
     clock: ClockSample | None = None
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    """A node the client gave up on (see :mod:`rankd.client.liveness`): which node, its
+    global ranks (their fate unknown), why, and when.
+
+    ``since`` is when it went silent or its connection broke, ``detected`` when the
+    client declared it lost (wall-clock seconds on the client's clock)."""
+
+    node: str
+    address: str
+    node_rank: int
+    global_ranks: tuple[int, ...]
+    why: str
+    since: float
+    detected: float
+
+    def line(self) -> str:
+        """``node host02 (node rank 1, global ranks 2-3) lost: no answer for 10 s``."""
+        ranks = f", global ranks {format_ranks(self.global_ranks)}" if self.global_ranks else ""
+        return f"node {self.node} (node rank {self.node_rank}{ranks}) lost: {self.why}"
 
 
 @dataclass(frozen=True)
@@ -207,29 +234,51 @@ class FailureReport:
     """(node, error) for nodes that could not be reached or answered wrongly."""
     reason: str = ""
     notes: tuple[str, ...] = field(default=())
+    state: str = "FAILED"
+    """``"FAILED"`` or ``"KILLED"`` (a lost node fails the job: FAILED, see ``root_node``)."""
+    lost_nodes: tuple[NodeLost, ...] = ()
+    """Every node the client gave up on, in the order they went silent."""
+    root_node: NodeLost | None = None
+    """The root cause when it is a lost node (``root_cause`` is then None)."""
+    killed_by: str = ""
+    """KILLED: the killed job's reason, e.g. ``killed by Kill(SIGTERM) from alice``."""
+    killed_at: float = 0.0
+    """KILLED: when the first rank was terminated (client clock)."""
 
     @property
     def own_failures(self) -> list[RankFailure]:
         """Failures other than the root cause, of ranks that failed on their own."""
-        return [f for f in self.failures[1:] if not f.terminated]
+        return [f for f in self.failures if not f.terminated and f is not self.root_cause]
 
     @property
     def terminated(self) -> list[RankFailure]:
         """Ranks rankd stopped (because of the root cause, or a Kill)."""
-        return [f for f in self.failures[1:] if f.terminated]
+        return [f for f in self.failures if f.terminated and f is not self.root_cause]
 
     def title(self) -> str:
         ranks = f"{self.world_size} ranks on {self.nnodes} node{'s' * (self.nnodes != 1)}"
-        return f"rankd job {self.job_id} FAILED (attempt {self.restart_count}, {ranks})"
+        title = f"rankd job {self.job_id} {self.state} (attempt {self.restart_count}, {ranks})"
+        if self.root_node is not None:
+            title += f": node {self.root_node.node} lost"
+        return title
 
     def format(self) -> str:
         """The report as text: short, whatever the number of ranks."""
+        if self.state == "KILLED":
+            return self._format_killed()
         out = ["=" * _WIDTH, self.title()]
-        if self.reason and (self.root_cause is None or self.node_errors):
+        if self.reason and self.root_cause is None and self.root_node is None:
             out.append(f"reason: {self.reason}")
-        if self.root_cause is not None:
+        if self.root_node is not None:
+            out += ["-" * _WIDTH, "Root Cause (first observed failure): a lost node"]
+            out += _format_lost(self.root_node)
+        elif self.root_cause is not None:
             out += ["-" * _WIDTH, "Root Cause (first observed failure):"]
             out += _format_root(self.root_cause)
+        others = [n for n in self.lost_nodes if n is not self.root_node]
+        if others:
+            out += ["-" * _WIDTH, "Lost nodes:"]
+            out += [f"  {n.line()} (last heard from at {_iso(n.since)})" for n in others]
         if self.node_errors:
             out += ["-" * _WIDTH, "Unreachable or failed nodes:"]
             out += [f"  {node}: {err}" for node, err in self.node_errors]
@@ -244,6 +293,18 @@ class FailureReport:
             notes.append(_close_call_note(self.root_cause, self.close_call))
         if notes:
             out += ["-" * _WIDTH, *(f"Note: {n}" for n in notes)]
+        out.append("=" * _WIDTH)
+        return "\n".join(out)
+
+    def _format_killed(self) -> str:
+        out = ["=" * _WIDTH, self.title()]
+        out.append(f"reason: {self.killed_by or self.reason or 'killed'}")
+        if self.killed_at:
+            out.append(f"time  : {_iso(self.killed_at)}")
+        out += ["-" * _WIDTH, "Terminated ranks (stopped by the kill, did not fail):"]
+        out += _format_groups(fold(self.failures), start=1) or ["  <NONE>"]
+        if self.notes:
+            out += ["-" * _WIDTH, *(f"Note: {n}" for n in self.notes)]
         out.append("=" * _WIDTH)
         return "\n".join(out)
 
@@ -289,6 +350,18 @@ def _format_root(f: RankFailure) -> list[str]:
     return lines
 
 
+def _format_lost(n: NodeLost) -> list[str]:
+    ranks = format_ranks(n.global_ranks) if n.global_ranks else "<unknown>"
+    waited = max(n.detected - n.since, 0.0)
+    return [
+        "[0]:",
+        f"  time      : {_iso(n.since)} (last heard from; declared lost {waited:.1f} s later)",
+        f"  host      : {n.node} (node rank {n.node_rank})",
+        f"  ranks     : {ranks} (global; their state is unknown)",
+        f"  lost      : {n.why}",
+    ]
+
+
 def _format_groups(groups: Sequence[FailureGroup], *, start: int) -> list[str]:
     lines = [f"[{start + i}]: {g.line()}" for i, g in enumerate(groups[:_MAX_GROUPS])]
     rest = groups[_MAX_GROUPS:]
@@ -316,8 +389,14 @@ def build_report(
     node_errors: Sequence[tuple[str, str]] = (),
     reason: str = "",
     notes: Sequence[str] = (),
+    lost: Sequence[NodeLost] = (),
+    killed_by: str = "",
 ) -> FailureReport:
-    """The report of one attempt from each node's final ``JobStatus`` (or None)."""
+    """The report of one attempt from each node's final ``JobStatus`` (or None).
+
+    ``lost``: the nodes given up on. ``killed_by``: the job was stopped by a Kill the
+    caller did not send (its reason); unless a rank failed on its own or a node was
+    lost, the report is then KILLED, without a root cause."""
     failures = [
         RankFailure.from_proto(failure, node)
         for node, status in outcomes
@@ -326,7 +405,33 @@ def build_report(
     ]
     failures.sort(key=lambda f: (f.time, f.global_rank))
     own = [f for f in failures if not f.terminated]
-    root: RankFailure | None = own[0] if own else (failures[0] if failures else None)
+    lost_nodes = tuple(sorted(lost, key=lambda n: (n.since, n.node_rank)))
+    common = {
+        "job_id": job_id,
+        "restart_count": restart_count,
+        "world_size": world_size,
+        "nnodes": len(outcomes),
+        "node_errors": tuple(node_errors),
+        "reason": reason,
+        "notes": tuple(notes),
+        "lost_nodes": lost_nodes,
+    }
+    if killed_by and not own and not lost_nodes:
+        killed_at = failures[0].time if failures else 0.0
+        return FailureReport(
+            failures=tuple(failures),
+            root_cause=None,
+            state="KILLED",
+            killed_by=killed_by,
+            killed_at=killed_at,
+            **common,  # type: ignore[arg-type]
+        )
+    root_node = None
+    if lost_nodes and (not own or lost_nodes[0].since < own[0].time):
+        root_node = lost_nodes[0]
+    root: RankFailure | None = None
+    if root_node is None:
+        root = own[0] if own else (failures[0] if failures else None)
     close_call = None
     if root is not None:
         failures.remove(root)
@@ -338,14 +443,9 @@ def build_report(
                 close_call = other
             break
     return FailureReport(
-        job_id=job_id,
-        restart_count=restart_count,
-        world_size=world_size,
-        nnodes=len(outcomes),
         failures=tuple(failures),
         root_cause=root,
         close_call=close_call,
-        node_errors=tuple(node_errors),
-        reason=reason,
-        notes=tuple(notes),
+        root_node=root_node,
+        **common,  # type: ignore[arg-type]
     )

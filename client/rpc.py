@@ -10,14 +10,18 @@ error, with a hint when TLS settings are the likely cause.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from rankd.client.errors import AgentError, AgentUnavailable, agent_error
+from rankd.client.liveness import Liveness
 from rankd.v1 import agent_pb2
 
 __all__ = [
@@ -26,11 +30,13 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Endpoint",
     "Unary",
+    "default_requester",
     "info",
     "is_tls_misconfiguration",
     "kill",
     "list_jobs",
     "poll",
+    "renew",
     "start",
     "watch",
 ]
@@ -62,9 +68,13 @@ class Unary(Generic[R]):
     request: Message
     extra_timeout: float = 0.0
     agent_time: Callable[[R], float] | None = None
+    deadline: float | None = None
+    """Seconds; when set, the deadline of this call instead of the client's timeout."""
 
 
-def _agent_time(resp: agent_pb2.PollResponse | agent_pb2.InfoResponse) -> float:
+def _agent_time(
+    resp: agent_pb2.PollResponse | agent_pb2.InfoResponse | agent_pb2.RenewResponse,
+) -> float:
     return resp.agent_time
 
 
@@ -83,6 +93,20 @@ def info() -> Unary[agent_pb2.InfoResponse]:
     return Unary("Info", agent_pb2.InfoRequest(), agent_time=_agent_time)
 
 
+def renew(job_id: str, *, deadline: float | None = None) -> Unary[agent_pb2.RenewResponse]:
+    """Renew: the job's lease (JobSpec.lease) starts over; the answer carries the
+    agent's clock."""
+    return Unary(
+        "Renew", agent_pb2.RenewRequest(job_id=job_id), agent_time=_agent_time, deadline=deadline
+    )
+
+
+def default_requester(program: str | None = None) -> str:
+    """Who a Kill names when the caller names nobody: ``rankd kill on host01 (pid 4242)``."""
+    name = program or os.path.basename(sys.argv[0] or "") or "python"
+    return f"{name} on {socket.gethostname()} (pid {os.getpid()})"
+
+
 def list_jobs() -> Unary[agent_pb2.ListResponse]:
     """List: every job the agent holds."""
     return Unary("List", agent_pb2.ListRequest())
@@ -94,14 +118,23 @@ def kill(
     signal: str | int = "SIGTERM",
     timeout: float | None = None,
     escalate: bool = True,
+    requester: str | None = None,
+    deadline: float | None = None,
 ) -> Unary[agent_pb2.KillResponse]:
     """Kill: answered once the ranks are dead, so the deadline grows by the kill
-    timeout (the agent's 30 s when unset) unless ``escalate`` is False."""
-    req = agent_pb2.KillRequest(job_id=job_id, signal=str(signal), no_escalate=not escalate)
+    timeout (the agent's 30 s when unset) unless ``escalate`` is False. ``requester``
+    names who asks (default: :func:`default_requester`); ``deadline`` replaces the
+    client's timeout (the kill timeout is still added)."""
+    req = agent_pb2.KillRequest(
+        job_id=job_id,
+        signal=str(signal),
+        no_escalate=not escalate,
+        requester=(default_requester() if requester is None else requester)[:256],
+    )
     if timeout is not None:
         req.timeout = timeout
     wait = (_AGENT_KILL_TIMEOUT if timeout is None else timeout) if escalate else 0.0
-    return Unary("Kill", req, extra_timeout=wait)
+    return Unary("Kill", req, extra_timeout=wait, deadline=deadline)
 
 
 def watch(job_id: str, *, until_ended: bool, heartbeat: float) -> agent_pb2.WatchRequest:
@@ -139,11 +172,13 @@ def is_tls_misconfiguration(err: grpc.RpcError) -> bool:
 @dataclass(frozen=True)
 class Endpoint:
     """One agent as its calls see it: address, whether the channel uses TLS (for
-    error hints), and the call metadata (the bearer token)."""
+    error hints), the call metadata (the bearer token), and what was heard from it
+    (every call and stream reports its answers and broken connections there)."""
 
     address: str
     tls: bool
     metadata: Metadata
+    liveness: Liveness = field(default_factory=Liveness, compare=False)
 
     @classmethod
     def of(cls, address: str, *, token: str | None, tls: bool) -> Endpoint:
@@ -152,8 +187,9 @@ class Endpoint:
 
     def error(self, err: grpc.RpcError) -> AgentError:
         """The typed error for a failed RPC, with a hint when TLS settings are the
-        likely cause."""
+        likely cause. Records a broken connection in ``liveness``."""
         error = agent_error(self.address, err)
+        self.liveness.broke(error.code, error.details)
         if isinstance(error, AgentUnavailable):
             hint = _tls_hint(error.details, self.tls)
             if hint:

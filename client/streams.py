@@ -165,6 +165,7 @@ class _StreamState:
 
     def take(self, resp: agent_pb2.StreamResponse) -> None:
         """Queue a response's lines and advance the cursors past them."""
+        self.endpoint.liveness.heard()
         # Pin the attempt: a resumed stream must read the same attempt's files.
         self.restart_count = resp.restart_count
         for line in resp.lines:
@@ -197,6 +198,8 @@ class _StreamState:
         certificate the client rejects.
         """
         code = err.code() if err is not None else grpc.StatusCode.UNAVAILABLE
+        if err is not None:
+            self.endpoint.liveness.broke(code.name, str(err.details() or ""))
         retry = code == grpc.StatusCode.UNAVAILABLE and self.retries_left > 0
         if not retry or (err is not None and is_tls_misconfiguration(err)):
             if err is None:
@@ -389,11 +392,13 @@ class StatusWatch(_Watch, _SyncCall, Iterator[agent_pb2.WatchResponse]):
         if self._call is None:
             self._call = self._open()
         try:
-            return next(self._call)
+            resp: agent_pb2.WatchResponse = next(self._call)
         except grpc.RpcError as err:
             if self._closed:
                 raise StopIteration from None
             raise self._endpoint.error(err) from err
+        self._endpoint.liveness.heard()
+        return resp
 
 
 class AsyncStatusWatch(_Watch, _AsyncCall, AsyncIterator[agent_pb2.WatchResponse]):
@@ -411,8 +416,10 @@ class AsyncStatusWatch(_Watch, _AsyncCall, AsyncIterator[agent_pb2.WatchResponse
             self._call = self._open()
             self._iter = self._call.__aiter__()
         try:
-            return await self._iter.__anext__()
+            resp: agent_pb2.WatchResponse = await self._iter.__anext__()
         except grpc.RpcError as err:
             if self._closed:
                 raise StopAsyncIteration from None
             raise self._endpoint.error(err) from err
+        self._endpoint.liveness.heard()
+        return resp

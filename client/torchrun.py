@@ -10,6 +10,7 @@ Pure data and functions: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from rankd.v1 import agent_pb2
 
 __all__ = [
+    "DEFAULT_LEASE",
     "DEFAULT_PREFIX_TEMPLATE",
     "LaunchConfig",
     "LaunchHooks",
@@ -33,6 +35,11 @@ __all__ = [
     "torchrun_defaults",
     "torchrun_env",
 ]
+
+#: Seconds a launch's lease lasts without renewal (``rankd launch --lease``).
+DEFAULT_LEASE = 30.0
+#: Longest lease an agent accepts, seconds.
+MAX_LEASE = 86400.0
 
 #: torch's TailLog header, but with the global rank: ``[default5]:``.
 DEFAULT_PREFIX_TEMPLATE = "[${role_name}${rank}]:"
@@ -85,7 +92,13 @@ def _check_template(template: str | None) -> None:
 class LaunchConfig:
     """Everything ``launch`` needs besides the nodes. ``cmd[0]`` is the executable
     (absolute path or a name on the agent's PATH, e.g. ``python3``), the rest
-    its arguments."""
+    its arguments.
+
+    ``lease`` (seconds, 0 = none): the launch renews the job's lease on every node
+    while it runs; an agent that hears no renewal for that long stops its ranks (a
+    launcher that died or was cut off takes its job down). ``detach``: start the
+    job without a lease and return at once (``LaunchResult.detached``); no restarts.
+    """
 
     cmd: tuple[str, ...]
     nproc_per_node: int = 1
@@ -101,6 +114,8 @@ class LaunchConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str = ""
     kill_timeout: float = 30.0
+    lease: float = DEFAULT_LEASE
+    detach: bool = False
 
     def __post_init__(self) -> None:
         if not self.cmd or not self.cmd[0]:
@@ -111,6 +126,10 @@ class LaunchConfig:
             raise ValueError(f"max_restarts must be >= 0, not {self.max_restarts}")
         if self.kill_timeout < 0:
             raise ValueError(f"kill_timeout must be >= 0, not {self.kill_timeout}")
+        if not (math.isfinite(self.lease) and 0 <= self.lease <= MAX_LEASE):
+            raise ValueError(f"lease must be 0 (none) or up to {MAX_LEASE:g} s, not {self.lease}")
+        if self.detach and self.max_restarts:
+            raise ValueError("a detached job cannot restart: nobody is left to restart it")
         if any(r < 0 or r >= self.nproc_per_node for r in self.local_ranks_filter):
             raise ValueError(
                 f"local_ranks_filter {list(self.local_ranks_filter)} names ranks outside "
@@ -166,12 +185,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """A job that succeeded: its id, the attempt that did, each node's final status."""
+    """A job that succeeded: its id, the attempt that did, each node's final status.
+    Detached (``detached``): the job just started; ``statuses`` are Start's answers."""
 
     job_id: str
     restart_count: int
     world_size: int
     statuses: tuple[agent_pb2.JobStatus, ...]
+    detached: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +231,8 @@ class LaunchOptions(TypedDict, total=False):
     env: Mapping[str, str]
     cwd: str
     kill_timeout: float
+    lease: float
+    detach: bool
     on_line: Callable[[OutputLine], None] | None
     on_event: Callable[[str], None] | None
     on_progress: Callable[[Progress], None] | None

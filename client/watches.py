@@ -46,14 +46,26 @@ class NodeWatch:
 
     Create inside the event loop; ``await close()`` when done. ``status`` is
     meaningful while ``live``; ``error`` says why the watch is down (None while it
-    is live or connecting for the first time).
+    is live or connecting for the first time). ``heartbeat`` and ``stale_after``
+    (seconds) default to :data:`HEARTBEAT` and :data:`STALE_AFTER`.
     """
 
-    def __init__(self, client: AsyncAgentClient, job_id: str) -> None:
+    def __init__(
+        self,
+        client: AsyncAgentClient,
+        job_id: str,
+        *,
+        heartbeat: float | None = None,
+        stale_after: float | None = None,
+    ) -> None:
         self.client = client
         self.job_id = job_id
+        self.heartbeat = HEARTBEAT if heartbeat is None else heartbeat
+        self.stale_after = STALE_AFTER if stale_after is None else stale_after
         self.live = False
         self.status: agent_pb2.JobStatus | None = None
+        # the last status received, kept while the watch is down (what the node ran)
+        self.last_seen: agent_pb2.JobStatus | None = None
         self.version = 0
         self.ended = False
         self.error: RankdError | None = None
@@ -110,6 +122,7 @@ class NodeWatch:
 
     def _set(self, status: agent_pb2.JobStatus, version: int, is_ended: bool) -> None:
         self.status, self.version, self.ended = status, version, is_ended
+        self.last_seen = status
         self.live, self.error = True, None
         self._notify()
 
@@ -143,10 +156,10 @@ class NodeWatch:
     async def _follow(self) -> None:
         """Take the stream's messages until it ends, breaks or falls silent."""
         first = True
-        async with self.client.watch(self.job_id, heartbeat=HEARTBEAT) as updates:
+        async with self.client.watch(self.job_id, heartbeat=self.heartbeat) as updates:
             while True:
                 try:
-                    async with asyncio.timeout(STALE_AFTER):
+                    async with asyncio.timeout(self.stale_after):
                         update = await anext(updates)
                 except StopAsyncIteration:
                     return
@@ -156,7 +169,7 @@ class NodeWatch:
                     raise AgentTimeout(
                         self.client.address,
                         "DEADLINE_EXCEEDED",
-                        f"the watch of job {self.job_id!r} fell silent for {STALE_AFTER:g}s",
+                        f"the watch of job {self.job_id!r} fell silent for {self.stale_after:g}s",
                     ) from None
                 self._failures = 0
                 if not update.HasField("job"):

@@ -471,12 +471,11 @@ def test_an_agent_dying_mid_job_fails_the_job_and_frees_the_others(
             )
         assert time.monotonic() - began < 30
         report = failed.value.report
-        assert [node for node, _ in report.node_errors] == [cluster.names[1]]
-        assert (
-            "unreachable" in report.node_errors[0][1]
-            or "not answering" in (report.node_errors[0][1])
-        )
-        assert "Unreachable or failed nodes:" in report.format()
+        assert [n.node for n in report.lost_nodes] == [cluster.names[1]]
+        assert report.root_node is report.lost_nodes[0] and report.root_cause is None
+        assert report.root_node.why.startswith("connection refused")
+        assert report.root_node.global_ranks == (2, 3)
+        assert "Root Cause (first observed failure): a lost node" in report.format()
         assert {f.global_rank for f in report.failures} == {0, 1}
         assert all(f.terminated for f in report.failures)
         assert not nodes[0].workers(script)

@@ -1,9 +1,12 @@
 """The log follower: every line in order while ranks write, cursors, partial last lines,
-invalid UTF-8, huge lines cut into bounded chunks, replay after the end."""
+invalid UTF-8, huge lines cut into bounded chunks, replay after the end. Each test that
+follows a job runs twice: with inotify, and with the bounded poll that replaces it where
+inotify cannot be had."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import os
 from collections import defaultdict
@@ -16,14 +19,26 @@ from core_helpers import Core, open_core, read_lines, wait_for_file_line
 
 from rankd.agent.logs import MAX_LINE, STDERR, STDOUT, AttemptLogs, LogLine, LogReader
 from rankd.agent.model import JobState
+from rankd.agent.supervisor import Supervisor
 
 ALL_KEYS = [(r, s) for r in range(4) for s in (STDOUT, STDERR)]
 
 
-@pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[Core]:
-    async with open_core(tmp_path) as handle:
-        yield handle
+@pytest.fixture(params=["auto", "poll"], ids=["inotify", "poll"])
+async def core(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Core]:
+    if request.param == "auto":
+        async with open_core(tmp_path) as handle:
+            assert handle.sup.follow_mode == "inotify"
+            yield handle
+        return
+    out, err = io.StringIO(), io.StringIO()
+    log_dir = tmp_path / "logs"
+    sup = Supervisor(str(log_dir), console_out=out, console_err=err, log_follow="poll")
+    try:
+        assert sup.follow_mode == "poll"
+        yield Core(sup, out, err, tmp_path, log_dir)
+    finally:
+        await sup.close(timeout=2.0)
 
 
 def _out_line(rank: int, i: int) -> str:
@@ -275,3 +290,41 @@ async def test_two_followers_get_the_same_lines(core: Core) -> None:
     )
     assert _by_key(first) == _by_key(second)
     assert len(first) == 2000
+
+
+async def test_a_follower_that_goes_away_leaves_the_others_following(core: Core) -> None:
+    """Followers of an attempt wait on one shared pulse: cancelling one (its client went
+    away) while they all wait must not cancel the others' wait."""
+    gate = core.tmp / "gate"
+    script = core.script(
+        "gated.py",
+        f"""
+        import os, time
+        print("first", flush=True)
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.005)
+        print("second", flush=True)
+        """,
+    )
+    job, _ = await core.sup.start(core.spec("readers", script))
+    logs = job.current.logs
+    leaving = _generator(LogReader(logs, [(0, STDOUT)], follow=True))
+    staying = _generator(LogReader(logs, [(0, STDOUT)], follow=True))
+    try:
+        for reader in (leaving, staying):
+            first = await asyncio.wait_for(anext(reader), 10)
+            assert [ln.text for ln in first] == ["first"]
+        gone = asyncio.ensure_future(anext(leaving))
+        waiting = asyncio.ensure_future(anext(staying))
+        for _ in range(5):  # both take the pulse and wait on it
+            await asyncio.sleep(0)
+        assert not gone.done() and not waiting.done()
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        gate.touch()
+        second = await asyncio.wait_for(waiting, 10)
+        assert [ln.text for ln in second] == ["second"]
+    finally:
+        await leaving.aclose()
+        await staying.aclose()

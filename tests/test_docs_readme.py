@@ -23,6 +23,8 @@ from rankd.client.cli_jobs import (
     EXIT_AUTH,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_KILLED,
+    EXIT_NODE_LOST,
     EXIT_TERMINATED,
     EXIT_USAGE,
 )
@@ -219,6 +221,8 @@ def test_exit_codes_are_the_cli_s() -> None:
         (EXIT_FAILED, "failed"),
         (EXIT_USAGE, "unreachable node"),
         (EXIT_AUTH, "refused this client"),
+        (EXIT_KILLED, "killed by another client"),
+        (EXIT_NODE_LOST, "node was lost"),
         (EXIT_INTERRUPTED, "Ctrl-C"),
         (EXIT_TERMINATED, "SIGTERM"),
     ):

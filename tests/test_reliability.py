@@ -6,15 +6,22 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import AGENT_BIN, AgentProcess, start_agent, wait_until
+from conftest import AgentProcess, start_agent, wait_until
 
+import rankd
+import rankd.agent
+import rankd.client
+import rankd.testing
+import rankd.v1
 from rankd.agent.spares import PREFIX
+from rankd.testing import start_agent as start_local_agent
 from rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
@@ -254,20 +261,84 @@ def test_guardian_ignores_a_shadowing_working_directory(tmp_path: Path) -> None:
 _SLEEPER = "import time; print('up', flush=True); time.sleep(1000)"
 
 
+def _bare_venv(tmp_path: Path) -> tuple[Path, Path]:
+    """A venv of this interpreter without any package (rankd neither): its python and its
+    site-packages."""
+    venv = tmp_path / "venv"
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a venv: {made.stderr.strip()}")
+    site = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    return venv / "bin" / "python", Path(site)
+
+
+def _checkout(tmp_path: Path) -> Path:
+    """rankd as a folder to put on PYTHONPATH (links to the modules this test imports)."""
+    root = tmp_path / "checkout"
+    package = root / "rankd"
+    package.mkdir(parents=True)
+    (package / "__init__.py").symlink_to(Path(rankd.__file__ or ""))
+    for name, module in (
+        ("v1", rankd.v1),
+        ("agent", rankd.agent),
+        ("client", rankd.client),
+        ("testing", rankd.testing),
+    ):
+        (package / name).symlink_to(Path(module.__file__ or "").parent)
+    return root
+
+
+def _pythonpath_agent(tmp_path: Path) -> tuple[list[str], dict[str, str], Path]:
+    """How to run an agent from a PYTHONPATH checkout with an interpreter that has no
+    rankd of its own: its command, its environment, the interpreter's site-packages."""
+    python, site = _bare_venv(tmp_path)
+    deps = sysconfig.get_path("purelib")  # grpc & co. (its .pth files are not read)
+    env = {**os.environ, "PYTHONPATH": f"{_checkout(tmp_path)}{os.pathsep}{deps}"}
+    return [str(python), "-P", "-m", "rankd.agent.server"], env, site
+
+
+def test_an_agent_run_from_a_pythonpath_checkout_has_a_working_guardian(
+    tmp_path: Path,
+) -> None:
+    """The guardian runs isolated (`python -I`: no PYTHONPATH, no working directory), yet
+    it imports the rankd the agent runs, which only PYTHONPATH holds here."""
+    command, env, _ = _pythonpath_agent(tmp_path)
+    isolated = subprocess.run(
+        [command[0], "-I", "-c", "import rankd"], env=env, capture_output=True, text=True
+    )
+    assert "No module named 'rankd'" in isolated.stderr  # on its own it would not find it
+    agent = AgentProcess.adopt(start_local_agent(tmp_path / "logs", command=command, env=env))
+    try:
+        guardian = agent.stub.Info(pb.InfoRequest(), timeout=5).guardian_pid
+        cmdline = psutil.Process(guardian).cmdline()
+        assert cmdline[1:3] == ["-I", "-c"] and cmdline[4] == str(tmp_path / "checkout")
+        spec = pb.JobSpec(job_id="pp", nprocs=2, entrypoint=PY, args=["-c", _SLEEPER])
+        agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)
+        wait_until(lambda: len(_marked_processes("/pp/")) == 2, 20, "2 ranks")
+        agent.stop(signal.SIGKILL)
+        wait_until(lambda: not _marked_processes("/pp/"), 10, "the guardian's sweep")
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
 def test_agent_refuses_to_start_without_its_guardian(tmp_path: Path) -> None:
-    """A guardian that dies at start (here: a sitecustomize that exits in it alone) makes
-    the agent exit 2 with one line naming the cause, and leaves no process."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
+    """A guardian that dies at start makes the agent exit 2 with one line naming the
+    cause, and leaves no process. Here the interpreter's own site hook (a sitecustomize
+    in its site-packages, which isolation does not skip) kills it, in it alone."""
+    command, env, site = _pythonpath_agent(tmp_path)
+    (site / "sitecustomize.py").write_text(
         "import os, sys\n"
-        "if 'rankd.agent.guardian' in sys.orig_argv:\n"
+        "if 'rankd.agent.guardian' in ' '.join(sys.orig_argv):\n"
         "    sys.stderr.write('guardian cannot start: no room\\n')\n"
         "    os._exit(1)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(hook)}
     done = subprocess.run(
-        [AGENT_BIN, "--port", "0", "--log-dir", str(tmp_path / "logs")],
+        [*command, "--port", "0", "--log-dir", str(tmp_path / "logs")],
         env=env,
         capture_output=True,
         text=True,
@@ -278,3 +349,31 @@ def test_agent_refuses_to_start_without_its_guardian(tmp_path: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("rankd-agent: error: the guardian"), done.stderr
     assert last.endswith("guardian cannot start: no room"), done.stderr
+
+
+def test_a_dead_guardian_is_replaced_and_the_new_one_still_guards(tmp_path: Path) -> None:
+    """SIGKILL the guardian: the agent sees it die (pidfd), says so and starts a new one;
+    SIGKILL the agent then: the new guardian kills the ranks."""
+    agent = start_agent(tmp_path / "logs")
+    try:
+        first = agent.stub.Info(pb.InfoRequest(), timeout=5).guardian_pid
+        assert first > 0
+        os.kill(first, signal.SIGKILL)
+
+        def replaced() -> bool:
+            return agent.stub.Info(pb.InfoRequest(), timeout=5).guardian_pid not in (0, first)
+
+        wait_until(replaced, 20, "a new guardian")
+        info = agent.stub.Info(pb.InfoRequest(), timeout=5)
+        assert info.guardian_restarts == 1
+        assert not psutil.pid_exists(first)  # reaped, not a zombie
+        said = agent.stderr_tail(50)
+        assert f"the guardian (pid {first}) died (signal SIGKILL); starting a new one" in said
+        assert f"a new guardian (pid {info.guardian_pid}) is armed" in said
+        spec = pb.JobSpec(job_id="guarded", nprocs=2, entrypoint=PY, args=["-c", _SLEEPER])
+        agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)
+        wait_until(lambda: len(_marked_processes("/guarded/")) == 2, 20, "2 ranks")
+        agent.stop(signal.SIGKILL)
+        wait_until(lambda: not _marked_processes("/guarded/"), 10, "the new guardian's sweep")
+    finally:
+        agent.stop(signal.SIGKILL)

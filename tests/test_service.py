@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -278,9 +278,22 @@ def test_kill_escalates_to_sigkill(agent: AgentProcess, script: Callable[[str, s
     assert [r.exit_code for r in job.ranks] == [-signal.SIGKILL] * 2
 
 
+@pytest.fixture(params=["auto", "poll"], ids=["inotify", "poll"])
+def follower(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AgentProcess]:
+    """An agent that follows logs with inotify, or by polling (`--log-follow poll`)."""
+    handle = start_agent(tmp_path / "follower-logs", "--log-follow", request.param)
+    try:
+        mode = handle.stub.Info(pb.InfoRequest(), timeout=5).log_follow
+        assert mode == ("inotify" if request.param == "auto" else "poll")
+        yield handle
+    finally:
+        handle.stop()
+
+
 def test_stream_resume_after_cut_is_exact(
-    agent: AgentProcess, script: Callable[[str, str], str]
+    follower: AgentProcess, script: Callable[[str, str], str]
 ) -> None:
+    agent = follower
     n = 60_000
     worker = script(
         "flood.py",
@@ -318,8 +331,9 @@ def test_stream_resume_after_cut_is_exact(
 
 
 def test_concurrent_streams_and_a_stalled_reader(
-    agent: AgentProcess, script: Callable[[str, str], str]
+    follower: AgentProcess, script: Callable[[str, str], str]
 ) -> None:
+    agent = follower
     n = 50_000
     worker = script(
         "talk.py",
@@ -367,7 +381,7 @@ def test_agent_sigterm_kills_running_jobs(
 
         wait_until(lambda: len(printed()) == 2, 10, "grandchild pids")
         grandchildren = printed()
-        assert handle.stop(signal.SIGTERM, timeout=20) == 0
+        assert handle.stop(signal.SIGTERM, timeout=20) == -signal.SIGTERM  # ended by it
         for pid in pids + grandchildren:
             wait_until(lambda p=pid: not _alive(p), 5, f"pid {pid} to be gone")
     finally:

@@ -62,7 +62,7 @@ class RankEnv(_message.Message):
     def __init__(self, env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout", "default_env")
+    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout", "default_env", "lease")
     class RankArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class JobSpec(_message.Message):
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     KILL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ENV_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     nprocs: int
     entrypoint: str
@@ -129,7 +130,8 @@ class JobSpec(_message.Message):
     rank_offset: int
     kill_timeout: float
     default_env: _containers.ScalarMap[str, str]
-    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ..., default_env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    lease: float
+    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ..., default_env: _Optional[_Mapping[str, str]] = ..., lease: _Optional[float] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("spec",)
@@ -358,16 +360,18 @@ class WatchResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., job: _Optional[_Union[JobStatus, _Mapping]] = ..., ended: _Optional[bool] = ..., agent_time: _Optional[float] = ...) -> None: ...
 
 class KillRequest(_message.Message):
-    __slots__ = ("job_id", "signal", "timeout", "no_escalate")
+    __slots__ = ("job_id", "signal", "timeout", "no_escalate", "requester")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     NO_ESCALATE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     signal: str
     timeout: float
     no_escalate: bool
-    def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[str] = ..., timeout: _Optional[float] = ..., no_escalate: _Optional[bool] = ...) -> None: ...
+    requester: str
+    def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[str] = ..., timeout: _Optional[float] = ..., no_escalate: _Optional[bool] = ..., requester: _Optional[str] = ...) -> None: ...
 
 class KillResponse(_message.Message):
     __slots__ = ("job", "version")
@@ -376,6 +380,20 @@ class KillResponse(_message.Message):
     job: JobStatus
     version: int
     def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("remaining", "agent_time")
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    remaining: float
+    agent_time: float
+    def __init__(self, remaining: _Optional[float] = ..., agent_time: _Optional[float] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ()
@@ -392,17 +410,35 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("hostname", "version", "agent_time", "pid", "log_dir", "free_port")
+    __slots__ = ("hostname", "version", "agent_time", "pid", "log_dir", "free_port", "log_follow", "polled_attempts", "log_dir_free_bytes", "min_free_bytes", "open_fds", "fd_soft_limit", "fd_hard_limit", "guardian_pid", "guardian_restarts")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     LOG_DIR_FIELD_NUMBER: _ClassVar[int]
     FREE_PORT_FIELD_NUMBER: _ClassVar[int]
+    LOG_FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    POLLED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIR_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    FD_SOFT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FD_HARD_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    GUARDIAN_PID_FIELD_NUMBER: _ClassVar[int]
+    GUARDIAN_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     agent_time: float
     pid: int
     log_dir: str
     free_port: int
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ...) -> None: ...
+    log_follow: str
+    polled_attempts: int
+    log_dir_free_bytes: int
+    min_free_bytes: int
+    open_fds: int
+    fd_soft_limit: int
+    fd_hard_limit: int
+    guardian_pid: int
+    guardian_restarts: int
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ..., log_follow: _Optional[str] = ..., polled_attempts: _Optional[int] = ..., log_dir_free_bytes: _Optional[int] = ..., min_free_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., fd_soft_limit: _Optional[int] = ..., fd_hard_limit: _Optional[int] = ..., guardian_pid: _Optional[int] = ..., guardian_restarts: _Optional[int] = ...) -> None: ...

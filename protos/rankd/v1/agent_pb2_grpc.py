@@ -63,6 +63,11 @@ class NodeAgentStub:
                 request_serializer=rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
                 response_deserializer=rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/rankd.v1.NodeAgent/Renew',
+                request_serializer=rankd_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/rankd.v1.NodeAgent/List',
                 request_serializer=rankd_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
@@ -125,6 +130,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Renew the lease of a job (JobSpec.lease): the agent stops a leased job
+        that no client renewed for `lease` seconds. Also a liveness probe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
         """Every job this agent holds, newest last.
         """
@@ -167,6 +180,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Kill,
                     request_deserializer=rankd_dot_v1_dot_agent__pb2.KillRequest.FromString,
                     response_serializer=rankd_dot_v1_dot_agent__pb2.KillResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.RenewRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.RenewResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -318,6 +336,33 @@ class NodeAgent:
             '/rankd.v1.NodeAgent/Kill',
             rankd_dot_v1_dot_agent__pb2.KillRequest.SerializeToString,
             rankd_dot_v1_dot_agent__pb2.KillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankd.v1.NodeAgent/Renew',
+            rankd_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
