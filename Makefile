@@ -58,7 +58,7 @@ soak: install
 	$(BIN)/python -m pytest -q -m soak
 
 # deploy/slurm/rankd.sbatch through sbatch on a real Slurm that the tests start on this host
-# (tests/slurm: munged, slurmctld, two slurmd): root and Debian's slurm-wlm and munge; the
+# (tests/helpers/slurm.py: munged, slurmctld, two slurmd): root and Debian's slurm-wlm and munge; the
 # tests skip, saying why, without them. `make test` leaves them out.
 .PHONY: test-slurm
 test-slurm: install
