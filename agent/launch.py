@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from rankd.agent import procs, resources, spares
 from rankd.agent.errors import AlreadyExists, LimitExceeded, SpecError
-from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogWatcher
+from rankd.agent.follow import LogWatcher
+from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
 from rankd.agent.model import Attempt, Rank
 from rankd.agent.specs import JobSpec
 

@@ -21,8 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from rankd.agent import __version__, resources, wire
 from rankd.agent.errors import RankdError
+from rankd.agent.follow import FOLLOW_MODES
 from rankd.agent.logfmt import configure_logging
-from rankd.agent.logs import FOLLOW_MODES
 from rankd.agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
 from rankd.agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
 from rankd.agent.service import NodeAgentService

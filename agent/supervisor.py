@@ -18,33 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import functools
 import logging
 import os
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
 from rankd.agent import procs, resources, spares
-from rankd.agent.deferred import Deferred
+from rankd.agent.admission import Admission
+from rankd.agent.endings import Endings
 from rankd.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
-    LimitExceeded,
-    PermissionDenied,
     SpecError,
 )
+from rankd.agent.follow import FOLLOW_MODES, LogWatcher
 from rankd.agent.guardian import Guardian
 from rankd.agent.launch import Launcher
-from rankd.agent.logs import FOLLOW_MODES, LogWatcher
+from rankd.agent.leases import Leases
 from rankd.agent.mirrors import start_mirrors
 from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.registry import JobTable
-from rankd.agent.specs import JobSpec, Limits, validate_job_id
+from rankd.agent.specs import JobSpec, Limits
 from rankd.agent.store import JobStore
 from rankd.agent.terminator import SIGKILL_WAIT, Exit, Terminator
 
@@ -53,27 +50,19 @@ __all__ = ["Attempt", "Job", "JobState", "Rank", "RankState", "Supervisor"]
 
 logger = logging.getLogger(__name__)
 
-RECORD_DELAY = 0.01  # seconds from an attempt's end to its job.json write
-CLEANUP_DELAY = 0.002  # seconds from an attempt's end to its log line and leftover kill
 _COUNTED = {state: state.value.lower() for state in RankState}  # exit_counts' keys
 
 
 class Supervisor:
     """Holds every job of the node. Call from one asyncio loop.
 
-    `base_env` is the environment ranks inherit (the agent's, minus its secrets);
-    `console_out`/`console_err` receive the tee'd lines; `subreaper=True` (for the agent
-    process, not for library use inside a process that runs other children) adopts and
-    reaps orphaned descendants so that nothing a rank started escapes the job;
-    `guardian=True` starts the process that kills the ranks if this one dies (and a new
-    one each time it dies); `log_follow` is how logs are followed ("auto": inotify, made
-    here, polling where it cannot be had; "poll"); `min_free_space` (bytes, 0: none) is
-    what the log directory's file system must have free for a Start.
-
-    Its parts are bound to the event loop by `bind` (the agent calls it at startup; the
-    first `start` does otherwise): all or nothing, so that no failure there can leave it
-    half-built.
-    """
+    `base_env`: the environment ranks inherit (the agent's, minus its secrets);
+    `console_out`/`console_err` receive the tee'd lines; `subreaper=True` (the agent
+    process, not a library user with other children) adopts and reaps orphans, so that
+    nothing a rank started escapes; `guardian=True` starts (and restarts) the process that
+    kills the ranks if this one dies; `log_follow`: "auto" (inotify, polling where it
+    cannot be had) or "poll"; `min_free_space`: bytes the log disk must have for a Start.
+    Its parts are bound to the loop by `bind`, all or nothing (never half-built)."""
 
     def __init__(
         self,
@@ -93,26 +82,24 @@ class Supervisor:
     ) -> None:
         if log_follow not in FOLLOW_MODES:
             raise SpecError(f"log follow mode must be one of {FOLLOW_MODES}, not {log_follow!r}")
-        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-            raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
-        os.makedirs(log_dir, exist_ok=True)
-        self.log_dir = os.path.abspath(log_dir)
-        self.limits = limits or Limits()
+        self.log_dir = _make_log_dir(log_dir)
+        self._admission = Admission(
+            self.log_dir,
+            limits=limits,
+            max_running_ranks=max_running_ranks,
+            allowed_entrypoints=allowed_entrypoints,
+            min_free_space=min_free_space,
+        )
+        self.limits = self._admission.limits
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._out = console_out or sys.stdout
         self._err = console_err or sys.stderr
         self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._min_free_space = min_free_space
         self._closing = False
-        self._max_running_ranks = max_running_ranks
-        self._allowed = _real_paths(allowed_entrypoints)
         self._jobs = JobTable(max_jobs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher = LogWatcher(log_follow)  # the inotify instance now (or polling)
         self._start_lock = asyncio.Lock()
-        # an attempt's end chores, put off by job id (see _end_attempt)
-        self._records = Deferred(RECORD_DELAY)
-        self._cleanups = Deferred(CLEANUP_DELAY)
         # Called with (attempt, rank) right after a rank exited (the service caches the
         # rank's final wire form there, while the other ranks are still dying).
         self.exit_hooks: list[Callable[[Attempt, Rank], None]] = []
@@ -121,8 +108,10 @@ class Supervisor:
         self._store = JobStore(self.log_dir)
         self._launcher = Launcher(self.log_dir, self._spares)
         self._terminator = Terminator(subreaper=subreaper, on_exits=self._on_exits)
+        self._endings = Endings(self._jobs, self._store, self._watcher, self._terminator)
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
+        self._leases = Leases(self._lapse)
         self._expiries: set[asyncio.Task[Attempt]] = set()  # kills of lapsed leases
         self._jobs.restore(self._store.load(max_jobs))
         if self._jobs:
@@ -135,41 +124,21 @@ class Supervisor:
         their logs, and the guardian. Idempotent. All or nothing: raises LimitExceeded
         (out of descriptors) or OSError with nothing bound, and the next call tries
         again."""
-        if self._loop is not None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            self._terminator.start(loop)
-            try:
-                self._watcher.attach(loop)
-                if self._guardian is not None:
-                    self._guardian.watch(
-                        loop, protect=self._terminator.protect, release=self._terminator.release
-                    )
-            except BaseException:
-                self._watcher.detach()
-                self._terminator.close()
-                raise
-        except OSError as err:
-            limit = resources.exhausted(err, "setting up the supervisor")
-            if limit is None:
-                raise
-            raise limit from None
-        self._loop = loop
+        if self._loop is None:
+            loop = asyncio.get_running_loop()
+            _bind_parts(loop, self._terminator, self._watcher, self._guardian)
+            self._loop = loop
 
     @property
-    def follow_mode(self) -> str:
-        """How the logs of a new attempt are followed: "inotify" or "poll"."""
+    def follow_mode(self) -> str:  # how a new attempt's logs are followed: inotify, poll
         return self._watcher.mode
 
     @property
-    def polled_attempts(self) -> int:
-        """Running attempts whose logs are followed by polling."""
+    def polled_attempts(self) -> int:  # running attempts whose logs are polled
         return self._watcher.polled
 
     @property
-    def guardian_pid(self) -> int:
-        """The guardian's pid; 0 when there is none (or none runs now)."""
+    def guardian_pid(self) -> int:  # 0: there is none, or none runs now
         return self._guardian.pid if self._guardian is not None else 0
 
     @property
@@ -179,14 +148,11 @@ class Supervisor:
     @property
     def min_free_space(self) -> int:
         """Bytes the log directory's file system must have free for a Start (0: any)."""
-        return self._min_free_space
+        return self._admission.min_free_space
 
     def free_space(self) -> int:
         """Bytes free on the log directory's file system (-1: unknown)."""
-        try:
-            return resources.free_bytes(self.log_dir)
-        except OSError:
-            return -1
+        return self._admission.free_space()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Kill every running job (SIGTERM, SIGKILL after `timeout`; at once after
@@ -201,13 +167,12 @@ class Supervisor:
             ),
             return_exceptions=True,
         )
-        self._cleanups.flush()
         for job in self._jobs.jobs():
             for task in job.current.mirrors:
                 task.cancel()
         self._watcher.close()
         self._terminator.close()
-        self._records.flush()  # the loop may not run much longer
+        self._endings.flush()  # the loop may not run much longer
         self._store.close()  # the last job.json writes land before we return
         self._launcher.close()
         self._spares.close()
@@ -217,15 +182,7 @@ class Supervisor:
     def kill_now(self) -> None:
         """SIGKILL every process of every running attempt, at once (a second signal to the
         agent while `close` waits for the ranks to end)."""
-        for job in self._jobs.jobs():
-            attempt = job.current
-            alive = [r for r in attempt.ranks if r.alive]
-            if attempt.ended or not alive:
-                continue
-            for rank in alive:
-                rank.terminated_by_agent = True
-            pgids = [r.pid for r in alive]
-            procs.send_signal(pgids, procs.attempt_processes(pgids, attempt.marker), signal.SIGKILL)
+        self._terminator.kill_now(job.current for job in self._jobs.jobs())
 
     # -- queries -------------------------------------------------------------------
 
@@ -264,28 +221,15 @@ class Supervisor:
         if self._closing:
             raise FailedPrecondition("this agent is shutting down: it starts no more jobs")
         self.bind()
-        validate_job_id(spec.job_id)
-        spec = spec.validate(self.limits)
-        if self._allowed is not None and os.path.realpath(spec.entrypoint) not in self._allowed:
-            raise PermissionDenied(
-                f"entrypoint {spec.entrypoint} is not allowed on this agent "
-                f"(allowed: {', '.join(sorted(self._allowed))}; see --allow-entrypoint)"
-            )
+        spec = self._admission.spec(spec)
         if self._guardian is not None:
             await self._guardian.armed()  # no rank runs unguarded
         async with self._start_lock, self._spares.held():
-            self._cleanups.flush(spec.job_id)  # a restart never meets the last leftovers
+            self._endings.before_start(spec.job_id)  # a restart never meets the leftovers
             job = self._jobs.get(spec.job_id)
             if job is not None and _repeated(job, spec):
                 return job, False
-            running = self._terminator.running
-            if running + spec.nprocs > self._max_running_ranks:
-                raise LimitExceeded(
-                    f"starting {spec.nprocs} ranks would exceed this agent's limit of "
-                    f"{self._max_running_ranks} running ranks ({running} running)"
-                )
-            resources.check_fds(spec.nprocs)
-            resources.check_free_space(self.log_dir, self._min_free_space)
+            self._admission.room(spec, self._terminator.running)
             if job is None:
                 self._jobs.make_room()
             attempt = self._launch(job, spec)
@@ -294,7 +238,8 @@ class Supervisor:
             if job is None:
                 job = Job(spec.job_id, os.path.dirname(attempt.logs.attempt_dir))
             job.attempts.append(attempt)
-            self._hold_lease(attempt)
+            assert self._loop is not None
+            self._leases.hold(attempt, self._loop)
             self._jobs.started(job)
             job.bump()
             # on disk before Start answers: a crash cannot lose the job. Written here,
@@ -314,55 +259,18 @@ class Supervisor:
         self._terminator.adopt(attempt)
         start_mirrors(attempt, self._out, self._err)
         if logger.isEnabledFor(logging.INFO):  # on the loop's next turn, after the answer
-            self._loop.call_soon(
-                functools.partial(
-                    logger.info,
-                    "job %s attempt %d started: %d ranks of %s, logs in %s",
-                    spec.job_id,
-                    spec.restart_count,
-                    spec.nprocs,
-                    spec.entrypoint,
-                    attempt.logs.attempt_dir,
-                    extra=attempt.log_extra(),
-                )
-            )
+            self._loop.call_soon(_log_started, attempt)
         return attempt
 
     # -- leases ------------------------------------------------------------------------------
 
-    def _hold_lease(self, attempt: Attempt) -> None:
-        """A leased attempt counts its lease from its Start (see `renew`)."""
-        if attempt.spec.lease <= 0:
-            return
-        assert self._loop is not None
-        attempt.renewed = self._loop.time()
-        attempt.lease_timer = self._loop.call_later(attempt.spec.lease, self._check_lease, attempt)
-
     def renew(self, job_id: str) -> float:
         """A client renewed the job's lease: seconds until it lapses now (0: the job has
         no lease or its current attempt has ended). Raises JobNotFound."""
-        attempt = self.job(job_id).current
-        if attempt.spec.lease <= 0 or attempt.ended or self._loop is None:
-            return 0.0
-        attempt.renewed = self._loop.time()
-        return attempt.spec.lease
+        return self._leases.renew(self.job(job_id).current, self._loop)
 
-    def _check_lease(self, attempt: Attempt) -> None:
-        """The lease timer: re-armed while renewals come, else the attempt is stopped.
-
-        Timers run on the loop's monotonic clock, which also counts time this process
-        spent stopped (SIGSTOP, a suspended host): a node resumed after a partition finds
-        its lease lapsed at its loop's first turn, before it reads renewals that were
-        sent while it was stopped and queued on its sockets."""
-        assert self._loop is not None
-        attempt.lease_timer = None
-        if attempt.ended:
-            return
-        left = attempt.renewed + attempt.spec.lease - self._loop.time()
-        if left > 0:
-            attempt.lease_timer = self._loop.call_later(left, self._check_lease, attempt)
-            return
-        reason = f"lease expired: no client for {attempt.spec.lease:g} s"
+    def _lapse(self, attempt: Attempt, reason: str) -> None:
+        """No client renewed the lease of a running attempt: stop it."""
         logger.warning("job %s: %s; stopping it", attempt.spec.job_id, reason)
         job = self._jobs.get(attempt.spec.job_id)
         if job is None or job.current is not attempt:
@@ -390,7 +298,7 @@ class Supervisor:
             touched[id(attempt)] = attempt
         for attempt in touched.values():
             if not attempt.ended and attempt.live == 0:
-                self._end_attempt(attempt)
+                self._endings.end(attempt)
             self._bump(attempt.spec.job_id)
 
     def _fail(self, attempt: Attempt, rank: Rank) -> None:
@@ -405,45 +313,6 @@ class Supervisor:
         attempt.terminating = asyncio.ensure_future(
             self._terminator.terminate(attempt, signal.SIGTERM, attempt.spec.kill_timeout)
         )
-
-    def _end_attempt(self, attempt: Attempt) -> None:
-        """Every rank has exited: publish the end now (state, waiters, the --max-jobs
-        order). What nobody waits for is put off a moment, so that it does not delay the
-        answers that follow (the Kill's, the Poll that sees the end): the job.json record
-        (`_record_end`), the log line and the leftover kill (`_log_end_kill_leftovers`)."""
-        attempt.end(time.time())
-        job_id = attempt.spec.job_id
-        self._record_end(self._jobs.ended(job_id), attempt)
-        self._cleanups.put(job_id, functools.partial(self._log_end_kill_leftovers, attempt))
-
-    def _record_end(self, job: Job | None, attempt: Attempt) -> None:
-        """RECORD_DELAY after the end: stop watching the attempt's logs, and write
-        job.json (`attempt.recorded` resolves when it is on disk). A crash in that moment
-        restores the attempt as FAILED ("the agent stopped"), never as RUNNING."""
-        recorded: concurrent.futures.Future[None] = concurrent.futures.Future()
-        attempt.recorded = recorded
-
-        def chores() -> None:
-            self._watcher.unwatch(attempt.logs)
-            if job is None:
-                recorded.set_result(None)
-                return
-            self._store.save_later(job).add_done_callback(lambda _: recorded.set_result(None))
-
-        # an earlier attempt's, if still waiting, runs first
-        self._records.put(job.job_id if job is not None else attempt.marker, chores)
-
-    def _log_end_kill_leftovers(self, attempt: Attempt) -> None:
-        """CLEANUP_DELAY after the end, or at once when a Start of the same job, its next
-        end, or close() comes first: log the end and kill what the ranks left behind."""
-        logger.info(
-            "job %s attempt %d ended: %s",
-            attempt.spec.job_id,
-            attempt.restart_count,
-            attempt.state.value,
-            extra=attempt.log_extra(),
-        )
-        self._terminator.kill_leftovers(attempt)
 
     # -- kill -------------------------------------------------------------------------------
 
@@ -480,10 +349,6 @@ class Supervisor:
         return attempt
 
 
-def _real_paths(paths: Iterable[str] | None) -> frozenset[str] | None:
-    return None if paths is None else frozenset(os.path.realpath(p) for p in paths)
-
-
 def _repeated(job: Job, spec: JobSpec) -> bool:
     """True when `spec` is the job's current attempt (a repeated Start); raises
     AlreadyExists when it names any attempt but the next one after an ended one."""
@@ -507,3 +372,48 @@ def _repeated(job: Job, spec: JobSpec) -> bool:
             "kill it before starting the next attempt"
         )
     return False
+
+
+def _log_started(attempt: Attempt) -> None:
+    spec = attempt.spec
+    logger.info(
+        "job %s attempt %d started: %d ranks of %s, logs in %s",
+        spec.job_id,
+        spec.restart_count,
+        spec.nprocs,
+        spec.entrypoint,
+        attempt.logs.attempt_dir,
+        extra=attempt.log_extra(),
+    )
+
+
+def _make_log_dir(log_dir: str) -> str:
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
+    os.makedirs(log_dir, exist_ok=True)
+    return os.path.abspath(log_dir)
+
+
+def _bind_parts(
+    loop: asyncio.AbstractEventLoop,
+    terminator: Terminator,
+    watcher: LogWatcher,
+    guardian: Guardian | None,
+) -> None:
+    """Bind the supervisor's parts to `loop`, all or nothing: raises LimitExceeded (out
+    of descriptors) or OSError with nothing bound."""
+    try:
+        terminator.start(loop)
+        try:
+            watcher.attach(loop)
+            if guardian is not None:
+                guardian.watch(loop, protect=terminator.protect, release=terminator.release)
+        except BaseException:
+            watcher.detach()
+            terminator.close()
+            raise
+    except OSError as err:
+        limit = resources.exhausted(err, "setting up the supervisor")
+        if limit is None:
+            raise
+        raise limit from None

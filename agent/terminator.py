@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from rankd.agent import procs
 from rankd.agent.linux import set_child_subreaper
@@ -156,6 +156,18 @@ class Terminator:
                 )
                 logger.error("job %s: %s", attempt.spec.job_id, note, extra=attempt.log_extra())
                 attempt.reason = f"{attempt.reason}; {note}" if attempt.reason else note
+
+    def kill_now(self, attempts: Iterable[Attempt]) -> None:
+        """SIGKILL every process of the running `attempts` at once (a second signal to
+        the agent while its close waits for the ranks to end)."""
+        for attempt in attempts:
+            alive = [r for r in attempt.ranks if r.alive]
+            if attempt.ended or not alive:
+                continue
+            for rank in alive:
+                rank.terminated_by_agent = True
+            pgids = [r.pid for r in alive]
+            procs.send_signal(pgids, procs.attempt_processes(pgids, attempt.marker), signal.SIGKILL)
 
     def kill_leftovers(self, attempt: Attempt) -> None:
         """SIGKILL every process an ended attempt left running (found by its marker)."""

@@ -17,10 +17,9 @@ nothing arrived for ``node_timeout`` seconds, or whose connection stayed refused
 :data:`~rankd.client.liveness.REFUSED_GRACE` seconds: that node answers
 :class:`~rankd.client.errors.NodeLostError`, whose ``loss`` says why and when.
 
-``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread; launch
-callbacks (``on_line``, ``on_event``, ``on_progress``) run on that thread.
-Ctrl-C in a blocking call cancels it, and a cancelled ``launch`` kills the job
-on every node before ``KeyboardInterrupt`` propagates.
+``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread, where launch
+callbacks run; Ctrl-C in a blocking call cancels it, and a cancelled ``launch`` kills
+the job on every node before ``KeyboardInterrupt`` propagates.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 import rankd.client.rpc as rpc
-from rankd.client import watches as watch_defaults
+import rankd.client.watches as watch_defaults
 from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
 from rankd.client.errors import AgentTimeout, AgentUnavailable, NodeLostError, RankdError
 from rankd.client.launch import run_launch
@@ -52,10 +51,8 @@ from rankd.v1 import agent_pb2
 
 __all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
 
-#: Jobs whose statuses a cluster keeps watched at once.
-MAX_WATCHED_JOBS = 16
-#: Most seconds between two liveness checks of a waiting call.
-_TICK = 0.25
+MAX_WATCHED_JOBS = 16  #: jobs whose statuses a cluster keeps watched at once
+_TICK = 0.25  # most seconds between two liveness checks of a waiting call
 
 T = TypeVar("T")
 

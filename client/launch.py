@@ -33,29 +33,23 @@ so this module does not depend on the cluster that calls it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from string import Template
-from typing import Protocol
 
 import rankd.client.rpc as rpc
-from rankd.client.agent_client import AsyncAgentClient
+from rankd.client.attempt import Attempt, Fleet
 from rankd.client.errors import (
-    AgentError,
     JobFailed,
     JobKilled,
     JobNotFound,
     RankdError,
     cluster_error,
 )
-from rankd.client.nodes import Node
-from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
-from rankd.client.results import NodeResult
+from rankd.client.report import FailureReport
 from rankd.client.streams import StreamOptions, follow_to_end
 from rankd.client.torchrun import (
     DEFAULT_PREFIX_TEMPLATE,
@@ -63,13 +57,11 @@ from rankd.client.torchrun import (
     LaunchHooks,
     LaunchResult,
     OutputLine,
-    Progress,
     new_run_id,
     parse_std,
     torchrun_defaults,
     torchrun_env,
 )
-from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
 
 __all__ = ["Fleet", "run_launch"]
@@ -77,30 +69,6 @@ __all__ = ["Fleet", "run_launch"]
 logger = logging.getLogger(__name__)
 
 _STD_BITS = {"stdout": 1, "stderr": 2}
-
-
-class Fleet(Protocol):
-    """The agents a launch drives (an ``AsyncCluster``): in node order, their
-    addresses, display names and clients, and the fanned-out calls it makes."""
-
-    @property
-    def nodes(self) -> Sequence[Node]: ...
-
-    @property
-    def names(self) -> Sequence[str]: ...
-
-    @property
-    def clients(self) -> Sequence[AsyncAgentClient]: ...
-
-    @property
-    def timeout(self) -> float: ...
-
-    @property
-    def node_timeout(self) -> float: ...
-
-    async def info(self) -> list[NodeResult[agent_pb2.InfoResponse]]: ...
-
-    def node_watches(self, job_id: str) -> list[NodeWatch]: ...
 
 
 class _Launch:
@@ -351,227 +319,8 @@ class _Launch:
             f"(MASTER_ADDR={master_addr} MASTER_PORT={port})"
         )
         await self.start(restart_count, master_addr, port)
-        run = _Attempt(self, restart_count)
+        run = Attempt(self, restart_count)
         return await run.run()
-
-
-class _Attempt:
-    """Following, watching and (on failure) stopping one attempt on every node.
-
-    Liveness: a monitor checks every node each tick (:mod:`rankd.client.liveness`);
-    a lost node's follower is cancelled, the node is never called again, and the
-    stop of the job on the other nodes goes ahead without it. While the attempt
-    runs, its lease is renewed on every node that is not lost."""
-
-    def __init__(self, launch: _Launch, restart_count: int) -> None:
-        self.launch = launch
-        self.cluster = launch.cluster
-        self.restart_count = restart_count
-        n = launch.nnodes
-        self.finals: list[agent_pb2.JobStatus | None] = [None] * n
-        self.lost: dict[int, NodeLost] = {}
-        self.failed = asyncio.Event()
-        self.first_failure: str | None = None
-        self.killed_by = ""  # a node's reason, when a Kill this launch did not send ended it
-        self.began = time.monotonic()
-
-    def fail(self, why: str) -> None:
-        if not self.failed.is_set():
-            self.first_failure = why
-            self.launch.event(f"{why}; stopping job {self.launch.run_id} on every node")
-            self.failed.set()
-
-    def lose(self, i: int, why: str, since: float) -> None:
-        """Give up on node ``i``: it is never called again in this launch."""
-        if i in self.lost:
-            return
-        npn = self.launch.config.nproc_per_node
-        self.lost[i] = NodeLost(
-            node=self.cluster.names[i],
-            address=str(self.cluster.nodes[i]),
-            node_rank=i,
-            global_ranks=tuple(range(i * npn, (i + 1) * npn)),
-            why=why,
-            since=since,
-            detected=time.time(),
-        )
-        self.fail(f"node {self.cluster.names[i]} lost: {why}")
-
-    async def follow(self, i: int) -> None:
-        client = self.cluster.clients[i]
-        try:
-            options = self.launch.stream_options(self.restart_count)
-            async with client.stream(self.launch.run_id, **options) as lines:
-                async for line in lines:
-                    self.launch.emit(i, line, self.restart_count)
-                self.finals[i] = lines.final
-        except AgentError as err:
-            # a stream that gave up: the node is lost, unless liveness said so first
-            self.lose(i, f"its log stream failed: {err.details or err.code}", time.time())
-            return
-        except Exception as err:
-            self.fail(f"error while following {self.cluster.names[i]}: {err!r}")
-            raise
-        final = self.finals[i]
-        assert final is not None  # a follow stream that ran to its end carries the status
-        if final.state == agent_pb2.KILLED and not self.failed.is_set():
-            # not ours (we kill only after fail()): another client, the lease, the agent
-            self.killed_by = final.reason or "killed"
-            self.fail(
-                f"job {self.launch.run_id} was killed on {self.cluster.names[i]}: {self.killed_by}"
-            )
-        elif final.state != agent_pb2.SUCCEEDED:
-            self.fail(self.describe_end(i, final))
-
-    def describe_end(self, i: int, final: agent_pb2.JobStatus) -> str:
-        """``global rank 3 on host02 failed: exit code 1`` (or the job's reason)."""
-        name = self.cluster.names[i]
-        own = [f for f in final.failures if not f.terminated_by_agent]
-        if own:
-            view = NodeView(
-                str(self.cluster.nodes[i]), name, i, i * self.launch.config.nproc_per_node
-            )
-            failure = RankFailure.from_proto(own[0], view)
-            return f"global rank {failure.global_rank} on {name} failed: {failure.summary()}"
-        state = agent_pb2.JobState.Name(final.state)
-        return f"job {state} on {name}" + (f" ({final.reason})" if final.reason else "")
-
-    async def monitor(self, followers: list[asyncio.Task[None]]) -> None:
-        """Liveness of every node still followed, and progress (from the watches)."""
-        launch = self.launch
-        node_timeout = self.cluster.node_timeout
-        watches = self.cluster.node_watches(launch.run_id)
-        tick = min(0.25, node_timeout / 8)
-        next_progress = time.monotonic() + launch.interval
-        while True:
-            await asyncio.sleep(tick)
-            for i, follower in enumerate(followers):
-                if i in self.lost or follower.done():
-                    continue
-                verdict = self.cluster.clients[i].liveness.verdict(node_timeout, since=self.began)
-                if verdict is not None:
-                    follower.cancel()
-                    self.lose(i, *verdict)
-            if launch.hooks.on_progress is not None and time.monotonic() >= next_progress:
-                next_progress = time.monotonic() + launch.interval
-                launch.hooks.on_progress(self.progress(watches))
-
-    def progress(self, watches: Sequence[NodeWatch]) -> Progress:
-        counts = dict.fromkeys(range(5), 0)
-        down = 0
-        for i, watch in enumerate(watches):
-            if i in self.lost or not watch.live or watch.status is None:
-                down += 1
-                continue
-            for rank in watch.status.ranks:
-                counts[rank.state] = counts.get(rank.state, 0) + 1
-        return Progress(
-            restart_count=self.restart_count,
-            world_size=self.launch.world_size,
-            running=counts[agent_pb2.RANK_RUNNING],
-            succeeded=counts[agent_pb2.RANK_SUCCEEDED],
-            failed=counts[agent_pb2.RANK_FAILED],
-            terminated=counts[agent_pb2.RANK_TERMINATED],
-            unreachable_nodes=down,
-        )
-
-    async def renew(self) -> None:
-        """Renew the lease on every node not lost, every third of the lease."""
-        lease = self.launch.config.lease
-        if lease <= 0:
-            return
-        every = lease / 3
-        deadline = min(self.cluster.timeout, self.cluster.node_timeout, every)
-        op = rpc.renew(self.launch.run_id, deadline=deadline)
-
-        async def one(i: int) -> None:
-            with contextlib.suppress(RankdError):  # liveness has taken note
-                await self.cluster.clients[i].call(op)
-
-        while True:
-            live = [i for i in range(self.launch.nnodes) if i not in self.lost]
-            await asyncio.gather(*(one(i) for i in live))
-            await asyncio.sleep(every)
-
-    async def stop_on_failure(self) -> None:
-        await self.failed.wait()
-        ended = [i for i, s in enumerate(self.finals) if s is not None]
-        answers = await self.launch.kill_everywhere(
-            skip=set(self.lost) | set(ended), why=self.first_failure or ""
-        )
-        for i, status in answers.items():
-            if self.finals[i] is None and status.restart_count == self.restart_count:
-                self.finals[i] = status
-
-    async def run(self) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
-        """Each node's final status when every rank succeeded, else the report."""
-        n = self.launch.nnodes
-        self.cluster.node_watches(self.launch.run_id)  # heartbeats: signs of life
-        followers = [asyncio.create_task(self.follow(i)) for i in range(n)]
-        helpers = [
-            asyncio.create_task(self.monitor(followers)),
-            asyncio.create_task(self.renew()),
-        ]
-        stopper = asyncio.create_task(self.stop_on_failure())
-        try:
-            outcomes = await asyncio.gather(*followers, return_exceptions=True)
-            if self.failed.is_set():
-                await stopper
-            for outcome in outcomes:  # a bug (e.g. in on_line) is not a node failure
-                if isinstance(outcome, Exception):
-                    await self.launch.kill_everywhere(skip=set(self.lost))
-                    await self.settle()  # a poll after the raise reads the kill
-                    raise outcome
-        finally:
-            for task in (*followers, *helpers, stopper):
-                task.cancel()
-        await self.settle()
-        succeeded = [s for s in self.finals if s is not None and s.state == agent_pb2.SUCCEEDED]
-        if not self.lost and len(succeeded) == len(self.finals):
-            return tuple(succeeded)
-        return self.report()
-
-    async def settle(self, timeout: float = 1.0) -> None:
-        """Wait (at most ``timeout`` s) until the watch of every node whose end this
-        attempt saw shows that end too, so that a ``poll`` after the launch reads it:
-        the watch's push and the log stream's end message travel apart."""
-        watches = self.cluster.node_watches(self.launch.run_id)
-        deadline = time.monotonic() + timeout
-
-        async def one(watch: NodeWatch) -> None:
-            while watch.live and not watch.ended:
-                left = deadline - time.monotonic()
-                if left <= 0 or not await watch.changed(left):
-                    return
-
-        await asyncio.gather(
-            *(
-                one(watches[i])
-                for i, final in enumerate(self.finals)
-                if final is not None and i not in self.lost
-            )
-        )
-
-    def report(self) -> FailureReport:
-        views = [
-            NodeView(
-                address=str(node),
-                name=self.cluster.names[i],
-                node_rank=i,
-                rank_offset=i * self.launch.config.nproc_per_node,
-                clock=self.cluster.clients[i].clock.best,
-            )
-            for i, node in enumerate(self.cluster.nodes)
-        ]
-        return build_report(
-            self.launch.run_id,
-            list(zip(views, self.finals, strict=True)),
-            world_size=self.launch.world_size,
-            restart_count=self.restart_count,
-            reason=self.first_failure or "",
-            lost=list(self.lost.values()),
-            killed_by=self.killed_by,
-        )
 
 
 def _count(n: int, noun: str) -> str:

@@ -393,10 +393,8 @@ def build_report(
     killed_by: str = "",
 ) -> FailureReport:
     """The report of one attempt from each node's final ``JobStatus`` (or None).
-
-    ``lost``: the nodes given up on. ``killed_by``: the job was stopped by a Kill the
-    caller did not send (its reason); unless a rank failed on its own or a node was
-    lost, the report is then KILLED, without a root cause."""
+    ``lost``: the nodes given up on. ``killed_by``: the reason of a Kill the caller did
+    not send; unless a rank failed on its own or a node was lost, the report is KILLED."""
     failures = [
         RankFailure.from_proto(failure, node)
         for node, status in outcomes
@@ -426,22 +424,15 @@ def build_report(
             killed_at=killed_at,
             **common,  # type: ignore[arg-type]
         )
-    root_node = None
-    if lost_nodes and (not own or lost_nodes[0].since < own[0].time):
-        root_node = lost_nodes[0]
-    root: RankFailure | None = None
-    if root_node is None:
-        root = own[0] if own else (failures[0] if failures else None)
+    # a lost node is the root cause unless a rank failed on its own before it went silent
+    first_lost = lost_nodes[0] if lost_nodes else None
+    root_node = first_lost if first_lost and (not own or first_lost.since < own[0].time) else None
+    root = None if root_node is not None else next(iter(own or failures), None)
     close_call = None
     if root is not None:
         failures.remove(root)
         failures.insert(0, root)
-        for other in own[1:]:
-            if other.node_rank == root.node_rank:
-                continue
-            if abs(other.time - root.time) <= root.uncertainty + other.uncertainty:
-                close_call = other
-            break
+        close_call = _close_call(root, own[1:])
     return FailureReport(
         failures=tuple(failures),
         root_cause=root,
@@ -449,3 +440,15 @@ def build_report(
         root_node=root_node,
         **common,  # type: ignore[arg-type]
     )
+
+
+def _close_call(root: RankFailure, others: Sequence[RankFailure]) -> RankFailure | None:
+    """The first own failure on another node within the clocks' uncertainty of the root
+    cause, if the next failure elsewhere is that close: the order might be the other."""
+    for other in others:
+        if other.node_rank == root.node_rank:
+            continue
+        if abs(other.time - root.time) <= root.uncertainty + other.uncertainty:
+            return other
+        return None
+    return None

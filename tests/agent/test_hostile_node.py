@@ -28,8 +28,8 @@ from helpers.core import PYTHON
 from helpers.wait import wait_until
 
 from rankd.agent.errors import LimitExceeded
+from rankd.agent.follow import LogWatcher
 from rankd.agent.launch import Launcher
-from rankd.agent.logs import LogWatcher
 from rankd.agent.procs import MARKER_ENV
 from rankd.agent.spares import SpareDirs
 from rankd.agent.specs import JobSpec, Limits

@@ -12,22 +12,15 @@ from typing import Any
 import grpc
 import pytest
 from helpers.agents import Agent
+from helpers.workers import GATED
 
 from rankd.client import AgentClient, AsyncAgentClient, JobNotFound
 from rankd.v1 import agent_pb2 as pb
 
 PY = sys.executable
 
+
 # Each rank exits (with argv[2], default 0) once the file "<argv[1]>-<LOCAL_RANK>" exists.
-GATED = """\
-import os, sys, time
-gate = sys.argv[1] + "-" + os.environ["LOCAL_RANK"]
-while not os.path.exists(gate):
-    time.sleep(0.01)
-sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
-"""
-
-
 def start(agent: Agent, job_id: str, nprocs: int, entrypoint: str, *args: str) -> None:
     spec = pb.JobSpec(job_id=job_id, nprocs=nprocs, entrypoint=entrypoint, args=list(args))
     agent.stub.Start(pb.StartRequest(spec=spec), timeout=10)

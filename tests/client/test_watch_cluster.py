@@ -18,8 +18,8 @@ import psutil
 import pytest
 from helpers.agents import Agent, agents, closed_port, start_agent
 from helpers.wait import wait_until
+from helpers.workers import GATED
 from prometheus_client.parser import text_string_to_metric_families
-from test_watch import GATED
 
 from rankd.client import (
     AgentClient,
