@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.agents import PYTHON, RANKD_BIN, Agent, agents
+from helpers.agents import start_launch as launch_ready
 from helpers.wait import wait_until
 
 from rankd.client import AgentClient, InvalidArgument
@@ -60,36 +61,7 @@ def start_launch(
     nodes: list[Agent], script: str, run_id: str, *flags: str
 ) -> subprocess.Popen[str]:
     """`rankd launch` of 2 sleeping ranks per node, returned once all 4 said ready."""
-    proc = subprocess.Popen(
-        [
-            RANKD_BIN,
-            "launch",
-            *where(nodes),
-            "--nproc-per-node",
-            "2",
-            "--run-id",
-            run_id,
-            "--kill-timeout",
-            str(KILL_TIMEOUT),
-            *flags,
-            "--",
-            PYTHON,
-            script,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
-    assert proc.stdout is not None
-    ready = 0
-    deadline = time.monotonic() + 30
-    while ready < 4:
-        assert time.monotonic() < deadline, "the ranks did not start"
-        line = proc.stdout.readline()
-        assert line, proc.communicate(timeout=30)[1]
-        ready += "ready" in line
-    return proc
+    return launch_ready(nodes, script, run_id, "--kill-timeout", str(KILL_TIMEOUT), *flags)
 
 
 @pytest.mark.timeout(90)

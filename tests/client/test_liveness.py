@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers.agents import PYTHON, RANKD_BIN, Agent, agents
+from helpers.agents import Agent, agents, start_launch
 from helpers.wait import wait_until
 
 from rankd.client import AgentClient, Cluster, NodeLostError
@@ -57,41 +57,13 @@ def sleeper(tmp_path: Path) -> Iterator[str]:
 
 def launch(nodes: list[Agent], script: str, run_id: str) -> subprocess.Popen[str]:
     """`rankd launch` of 2 sleeping ranks per node, returned once all 4 said ready."""
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"}
-    proc = subprocess.Popen(
-        [
-            RANKD_BIN,
-            "launch",
-            "--nodes",
-            ",".join(a.address for a in nodes),
-            "--nproc-per-node",
-            "2",
-            "--run-id",
-            run_id,
-            "--node-timeout",
-            str(NODE_TIMEOUT),
-            "--lease",
-            str(LEASE),
-            "--kill-timeout",
-            str(KILL_TIMEOUT),
-            "--",
-            PYTHON,
-            script,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_launch(
+        nodes,
+        script,
+        run_id,
+        *("--node-timeout", str(NODE_TIMEOUT), "--lease", str(LEASE)),
+        *("--kill-timeout", str(KILL_TIMEOUT)),
     )
-    assert proc.stdout is not None
-    ready = 0
-    deadline = time.monotonic() + 30
-    while ready < 4:
-        assert time.monotonic() < deadline, "the ranks did not start"
-        line = proc.stdout.readline()
-        assert line, proc.communicate(timeout=30)[1]
-        ready += "ready" in line
-    return proc
 
 
 @pytest.mark.timeout(90)

@@ -7,10 +7,13 @@ stdout is drained on a thread and kept in `Agent.output`; `agents()` always stop
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -156,3 +159,39 @@ class Proxy:
         self._closed = True
         self._listener.close()
         self.cut()
+
+
+def start_launch(
+    nodes: list[Agent], script: str, run_id: str, *flags: str, ranks_per_node: int = 2
+) -> subprocess.Popen[str]:
+    """`rankd launch` (a subprocess; no SLURM_JOB_NODELIST of the test's own) of `script`
+    over `nodes` with `flags`, returned once every rank printed a line with "ready"."""
+    proc = subprocess.Popen(
+        [
+            RANKD_BIN,
+            "launch",
+            "--nodes",
+            ",".join(a.address for a in nodes),
+            "--nproc-per-node",
+            str(ranks_per_node),
+            "--run-id",
+            run_id,
+            *flags,
+            "--",
+            PYTHON,
+            script,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"},
+    )
+    assert proc.stdout is not None
+    ready = 0
+    deadline = time.monotonic() + 30
+    while ready < ranks_per_node * len(nodes):
+        assert time.monotonic() < deadline, "the ranks did not start"
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=30)[1]
+        ready += "ready" in line
+    return proc
