@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import Agent, start_agent
+from helpers.agents import Agent, agents, start_agent
 
 
 @pytest.fixture
@@ -18,6 +18,13 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
+    """Two real agents (node i logs to tmp_path/node<i>), stopped after the test."""
+    with agents(tmp_path, 2) as started:
+        yield started
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import PYTHON, Agent, agents, closed_port
+from helpers.agents import PYTHON, Agent, closed_port
 from helpers.wait import wait_until
+from helpers.workers import write
 
 from rankd.client import Cluster, JobFailed
 from rankd.client.cli import main
@@ -34,18 +34,6 @@ print("ready", os.environ["RANK"], flush=True)
 while True:
     time.sleep(0.05)
 """
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    with agents(tmp_path, 2) as started:
-        yield started
-
-
-def write(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text(body)
-    return str(path)
 
 
 def node_list(nodes: list[Agent]) -> str:

@@ -10,12 +10,12 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import ENV_DUMP, PYTHON, RANKD_BIN, Agent, agents, closed_port
+from helpers.agents import ENV_DUMP, PYTHON, RANKD_BIN, Agent, closed_port
 from helpers.wait import wait_until
+from helpers.workers import write
 
 from rankd.client import AgentClient
 from rankd.v1 import agent_pb2
@@ -39,18 +39,6 @@ import time
 time.sleep(1.6)
 print("done", flush=True)
 """
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    with agents(tmp_path, 2) as started:
-        yield started
-
-
-def write(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text(body)
-    return str(path)
 
 
 def rankd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import PYTHON, RANKD_BIN, Agent, agents
+from helpers.agents import PYTHON, RANKD_BIN, Agent
 from helpers.agents import start_launch as launch_ready
 from helpers.wait import wait_until
+from helpers.workers import write
 
 from rankd.client import AgentClient, InvalidArgument
 from rankd.client.cli_jobs import EXIT_KILLED
@@ -35,18 +35,6 @@ for i in range(5):
     print(f"line {i} of rank {os.environ['RANK']}", flush=True)
     time.sleep(0.3)
 """
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    with agents(tmp_path, 2) as started:
-        yield started
-
-
-def write(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text(body)
-    return str(path)
 
 
 def env() -> dict[str, str]:

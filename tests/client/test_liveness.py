@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers.agents import Agent, agents, start_launch
+from helpers.agents import Agent, start_launch
 from helpers.wait import wait_until
 
 from rankd.client import AgentClient, Cluster, NodeLostError
@@ -36,12 +36,6 @@ print("ready", flush=True)
 while True:
     time.sleep(0.05)
 """
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    with agents(tmp_path, 2) as started:
-        yield started
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from helpers.torchjobs import (
     TORCHRUN_KEYS,
     env_dumps,
     rankd,
-    write,
 )
+from helpers.workers import write
 
 pytest.importorskip("torch", reason="runs torchrun; the torch extra (make test) installs it")
 TORCHRUN_BIN = str(Path(sys.executable).with_name("torchrun"))

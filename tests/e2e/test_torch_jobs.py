@@ -5,11 +5,10 @@ error files, death by signal, restarts."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import PYTHON, Agent, agents
+from helpers.agents import PYTHON, Agent
 from helpers.torchjobs import (
     ALL_REDUCE,
     FAIL_THEN_SUCCEED,
@@ -18,8 +17,8 @@ from helpers.torchjobs import (
     SEGFAULT,
     attempt_dirs,
     rankd,
-    write,
 )
+from helpers.workers import write
 
 from rankd.client import Cluster, JobFailed, OutputLine
 from rankd.v1 import agent_pb2
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.timeout(90)
 
 WORLD = 4  # 2 nodes x 2 ranks
 SUM = sum(range(1, WORLD + 1))
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[Agent]]:
-    with agents(tmp_path, 2) as started:
-        yield started
 
 
 def addresses(nodes: list[Agent]) -> list[str]:

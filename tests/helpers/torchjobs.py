@@ -149,12 +149,6 @@ dist.destroy_process_group()
 """
 
 
-def write(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text(body)
-    return str(path)
-
-
 def rankd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the `rankd` CLI as a user would; never picks up a Slurm node list."""
     env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"}
