@@ -17,22 +17,20 @@ nothing arrived for ``node_timeout`` seconds, or whose connection stayed refused
 :data:`~rankd.client.liveness.REFUSED_GRACE` seconds: that node answers
 :class:`~rankd.client.errors.NodeLostError`, whose ``loss`` says why and when.
 
-``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread, where launch
-callbacks run; Ctrl-C in a blocking call cancels it, and a cancelled ``launch`` kills
-the job on every node before ``KeyboardInterrupt`` propagates.
+``Cluster`` runs an ``AsyncCluster`` on a private event-loop thread
+(:mod:`rankd.client.loop_thread`); launch callbacks (``on_line``, ``on_event``,
+``on_progress``) run on that thread. Ctrl-C in a blocking call cancels it, and a
+cancelled ``launch`` kills the job on every node before ``KeyboardInterrupt`` propagates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import concurrent.futures
-import contextlib
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar, Unpack
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar, Unpack
 
 import grpc
 
@@ -42,6 +40,7 @@ from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
 from rankd.client.errors import AgentTimeout, AgentUnavailable, NodeLostError, RankdError
 from rankd.client.launch import run_launch
 from rankd.client.liveness import DEFAULT_NODE_TIMEOUT, check_node_timeout
+from rankd.client.loop_thread import LoopThread
 from rankd.client.nodes import Node, parse_nodes
 from rankd.client.report import NodeLost
 from rankd.client.results import NodeResult
@@ -51,8 +50,10 @@ from rankd.v1 import agent_pb2
 
 __all__ = ["MAX_WATCHED_JOBS", "AsyncCluster", "Cluster", "NodeResult"]
 
-MAX_WATCHED_JOBS = 16  #: jobs whose statuses a cluster keeps watched at once
-_TICK = 0.25  # most seconds between two liveness checks of a waiting call
+#: Jobs whose statuses a cluster keeps watched at once.
+MAX_WATCHED_JOBS = 16
+#: Most seconds between two liveness checks of a waiting call.
+_TICK = 0.25
 
 T = TypeVar("T")
 
@@ -336,71 +337,6 @@ async def _close_all(watches: Sequence[NodeWatch]) -> None:
     await asyncio.gather(*(w.close() for w in watches))
 
 
-class _LoopThread:
-    """An event loop on a daemon thread, and a Ctrl-C-aware way to run on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="rankd-loop", daemon=True
-        )
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], *, cleanup_timeout: float = 60.0) -> T:
-        """Run ``coro`` on the loop and return its result.
-
-        On KeyboardInterrupt the task is cancelled and given ``cleanup_timeout``
-        seconds to finish its cleanup (a launch kills its job), then the
-        interrupt propagates.
-        """
-        task_future = asyncio.run_coroutine_threadsafe(_as_task(coro), self.loop)
-        task = task_future.result()
-        done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def relay(t: asyncio.Task[T]) -> None:
-            if t.cancelled():
-                done.cancel()
-            elif t.exception() is not None:
-                done.set_exception(t.exception())
-            else:
-                done.set_result(t.result())
-
-        self.loop.call_soon_threadsafe(task.add_done_callback, relay)
-        try:
-            return done.result()
-        except KeyboardInterrupt:
-            self.loop.call_soon_threadsafe(task.cancel)
-            try:
-                done.result(timeout=cleanup_timeout)
-            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
-                pass
-            except Exception:
-                pass  # the interrupt is what the caller must see
-            raise
-
-    def close(self) -> None:
-        """Cancel what still runs on the loop, then stop and close it."""
-
-        async def drain() -> None:
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.loop.shutdown_asyncgens()
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(drain(), self.loop).result(timeout=5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
-async def _as_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    return asyncio.get_running_loop().create_task(coro)
-
-
 class Cluster:
     """Blocking twin of :class:`AsyncCluster`; same methods, same results."""
 
@@ -413,7 +349,7 @@ class Cluster:
         credentials: grpc.ChannelCredentials | None = None,
         node_timeout: float = DEFAULT_NODE_TIMEOUT,
     ) -> None:
-        self._runner = _LoopThread()
+        self._runner = LoopThread()
 
         async def make() -> AsyncCluster:
             return AsyncCluster(

@@ -393,15 +393,11 @@ def build_report(
     killed_by: str = "",
 ) -> FailureReport:
     """The report of one attempt from each node's final ``JobStatus`` (or None).
-    ``lost``: the nodes given up on. ``killed_by``: the reason of a Kill the caller did
-    not send; unless a rank failed on its own or a node was lost, the report is KILLED."""
-    failures = [
-        RankFailure.from_proto(failure, node)
-        for node, status in outcomes
-        if status is not None
-        for failure in status.failures
-    ]
-    failures.sort(key=lambda f: (f.time, f.global_rank))
+
+    ``lost``: the nodes given up on. ``killed_by``: the job was stopped by a Kill the
+    caller did not send (its reason); unless a rank failed on its own or a node was
+    lost, the report is then KILLED, without a root cause."""
+    failures = _failures_of(outcomes)
     own = [f for f in failures if not f.terminated]
     lost_nodes = tuple(sorted(lost, key=lambda n: (n.since, n.node_rank)))
     common = {
@@ -424,10 +420,7 @@ def build_report(
             killed_at=killed_at,
             **common,  # type: ignore[arg-type]
         )
-    # a lost node is the root cause unless a rank failed on its own before it went silent
-    first_lost = lost_nodes[0] if lost_nodes else None
-    root_node = first_lost if first_lost and (not own or first_lost.since < own[0].time) else None
-    root = None if root_node is not None else next(iter(own or failures), None)
+    root_node, root = _root_cause(own, failures, lost_nodes)
     close_call = None
     if root is not None:
         failures.remove(root)
@@ -440,6 +433,32 @@ def build_report(
         root_node=root_node,
         **common,  # type: ignore[arg-type]
     )
+
+
+def _failures_of(outcomes: Sequence[tuple[NodeView, Any]]) -> list[RankFailure]:
+    """Every node's rank failures, earliest first (ties: lower global rank first)."""
+    failures = [
+        RankFailure.from_proto(failure, node)
+        for node, status in outcomes
+        if status is not None
+        for failure in status.failures
+    ]
+    failures.sort(key=lambda f: (f.time, f.global_rank))
+    return failures
+
+
+def _root_cause(
+    own: Sequence[RankFailure],
+    failures: Sequence[RankFailure],
+    lost_nodes: Sequence[NodeLost],
+) -> tuple[NodeLost | None, RankFailure | None]:
+    """``(root_node, root)``, at most one of them set. The first lost node is the root
+    cause unless a rank failed on its own before that node went silent; else the
+    earliest own failure, else the earliest failure (a rank that was terminated)."""
+    first_lost = lost_nodes[0] if lost_nodes else None
+    if first_lost is not None and (not own or first_lost.since < own[0].time):
+        return first_lost, None
+    return None, next(iter(own or failures), None)
 
 
 def _close_call(root: RankFailure, others: Sequence[RankFailure]) -> RankFailure | None:
