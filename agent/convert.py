@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rankd.agent.failures import Failure
 from rankd.agent.logs import STDERR, STDOUT
 from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.procs import Usage
 from rankd.agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
+from rankd.agent.stacks import RankStacks
 from rankd.v1 import agent_pb2 as pb
 
-__all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb"]
+__all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb", "stacks_response"]
 
 _JOB_STATE = {
     JobState.RUNNING: pb.RUNNING,
@@ -135,6 +138,8 @@ def _rank_to_pb(
             msg.cpu_percent = use.cpu_percent
     if failure is not None:
         msg.failure.CopyFrom(failure)
+    if attempt.logs.problems:
+        msg.file_problems.extend(attempt.logs.file_problems(rank.local_rank))
     return msg
 
 
@@ -181,6 +186,8 @@ def job_status(
             msg = _rank_to_pb(rank, attempt, usage, _failure(attempt, rank))
         else:  # the agent may read a rank's last lines after it saw the exit
             msg.last_output_time = last_output.get(rank.local_rank, 0.0)
+            if attempt.logs.problems:  # (a Stream may meet a replaced file after it)
+                msg.file_problems[:] = attempt.logs.file_problems(rank.local_rank)
         ranks.append(msg)
     failures = []  # root cause first, as Attempt.failures orders them
     for failure in attempt.failures():
@@ -201,3 +208,43 @@ def job_status(
         reason=attempt.reason,
         spec=spec,
     )
+
+
+def stacks_response(
+    attempt: Attempt, ranks: Sequence[Rank], answers: Sequence[RankStacks], hostname: str
+) -> pb.StacksResponse:
+    """The Stacks answer for `ranks`: the sampled live ones (`answers`, in order) and,
+    for those that had exited, why they were not sampled."""
+    by_rank = {a.local_rank: a for a in answers}
+    offset = attempt.spec.rank_offset
+    out = pb.StacksResponse(
+        job_id=attempt.spec.job_id, restart_count=attempt.restart_count, hostname=hostname
+    )
+    for rank in ranks:
+        msg = out.ranks.add(
+            local_rank=rank.local_rank, global_rank=offset + rank.local_rank, pid=rank.pid
+        )
+        answer = by_rank.get(rank.local_rank)
+        if answer is None:
+            msg.error = f"the rank had exited ({_exit_words(rank)}): nothing to sample"
+            msg.silent_for, msg.cpu_percent = -1.0, -1.0
+            continue
+        msg.pid, msg.error, msg.last_line = answer.pid, answer.error, answer.last_line
+        msg.silent_for, msg.cpu_percent = answer.silent_for, answer.cpu_percent
+        for thread in answer.threads:
+            t = msg.threads.add(
+                name=thread.name,
+                thread_id=thread.thread_id,
+                active=thread.active,
+                owns_gil=thread.owns_gil,
+            )
+            for frame in thread.frames:
+                t.frames.add(function=frame.function, filename=frame.filename, line=frame.line)
+    return out
+
+
+def _exit_words(rank: Rank) -> str:
+    code = rank.exit_code
+    if code is None:
+        return "state unknown"
+    return f"exit code {code}" if code >= 0 else f"signal {-code}"

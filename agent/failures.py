@@ -2,7 +2,9 @@
 
 The error file is read in both of torch's formats: ``{"message": "...", "timestamp": N}``
 and ``{"message": {"message": ..., "extraInfo": {"py_callstack": ..., "timestamp": N}}}``.
-A missing file is normal; a corrupt one is reported in `error_file_problem`, never raised.
+A missing file is normal; a corrupt one is reported in `error_file_problem`, never raised,
+and so is one that is not a regular file (a FIFO, a symbolic link: a rank may replace its
+files), which is never opened nor followed (see `rankd.agent.rankfiles`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
+
+from rankd.agent.rankfiles import NotRegularFile, open_regular
 
 __all__ = ["NOT_AVAILABLE", "Failure", "read_failure", "root_cause", "stderr_tail"]
 
@@ -66,7 +70,7 @@ def read_failure(
 ) -> Failure:
     """Build the failure record of a rank that exited with `exit_code` at `exit_time`.
     What the caller knows spares system calls: `stderr_size` 0 an empty stderr's open,
-    `error_file_absent` the error file's stat."""
+    `error_file_absent` the error file's open."""
     failure = Failure(
         local_rank=local_rank,
         pid=pid,
@@ -76,7 +80,7 @@ def read_failure(
         terminated_by_agent=terminated_by_agent,
         stderr_tail=stderr_tail(stderr_path) if stderr_size != 0 else [],
     )
-    if not error_file_absent and os.path.isfile(error_file):
+    if not error_file_absent:
         _apply_error_file(failure, error_file, exit_time)
     if not failure.message:
         if exit_code < 0:
@@ -88,12 +92,17 @@ def read_failure(
 
 def _apply_error_file(failure: Failure, path: str, exit_time: float) -> None:
     try:
-        with open(path, "rb") as f:
+        with open(open_regular(path), "rb") as f:  # bounded: a rank may write any amount
             raw = f.read(_MAX_ERROR_FILE_BYTES + 1)
         if len(raw) > _MAX_ERROR_FILE_BYTES:
             raise ValueError(f"larger than {_MAX_ERROR_FILE_BYTES} bytes")
         data = json.loads(raw.decode(errors="replace"))
         message, traceback, stamp = _parse_error_data(data)
+    except FileNotFoundError:  # the common case: the rank wrote none
+        return
+    except NotRegularFile as err:
+        failure.error_file_problem = f"error file {err}: not read"
+        return
     except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:
         # OverflowError: a timestamp of Infinity; RecursionError: absurdly deep nesting.
         failure.error_file_problem = f"corrupt error file {path}: {type(err).__name__}: {err}"
@@ -129,9 +138,10 @@ def _parse_error_data(data: Any) -> tuple[str, str, int | None]:
 
 
 def stderr_tail(path: str, lines: int = STDERR_TAIL_LINES) -> list[str]:
-    """The last `lines` lines of a file (bounded read; decoded with replacement)."""
+    """The last `lines` lines of a rank's file (bounded read; decoded with replacement);
+    none when it is missing or not a regular file (see rankfiles.open_regular)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except OSError:
         return []
     try:

@@ -1,7 +1,12 @@
 """How the agent notices log growth: one inotify instance for the agent, or, where
 inotify is not to be had (its instances or watches used up, or `mode="poll"`), a bounded
 poll of the running attempts every `POLL_INTERVAL` seconds. Either way it fires the
-attempt's `Pulse`, which wakes the readers of :mod:`rankd.agent.logs`."""
+attempt's `Pulse`, which wakes the readers of :mod:`rankd.agent.logs`.
+
+It opens no rank's file itself: readers do, never following a link nor opening what is
+not a regular file (see `rankd.agent.logs`). A rank's output file deleted or renamed
+over, or its rank directory moved, makes the agent ask the file again (its size and
+kind) instead of trusting what inotify saw before."""
 
 from __future__ import annotations
 
@@ -28,8 +33,22 @@ __all__ = ["FOLLOW_MODES", "POLL_INTERVAL", "LogWatcher"]
 POLL_INTERVAL = 0.025
 #: How a LogWatcher follows files: "auto" (inotify, polling where it cannot), "poll".
 FOLLOW_MODES = ("auto", "poll")
-# a write to an output file; the error file appearing, also by rename
-_WATCHED = IN_MODIFY | IN_CREATE | IN_MOVED_TO
+# (not in rankd.agent.linux, which the write side owns)
+_IN_MOVED_FROM = 0x00000040
+_IN_DELETE = 0x00000200
+_IN_DELETE_SELF = 0x00000400
+_IN_MOVE_SELF = 0x00000800
+_IN_ONLYDIR = 0x01000000
+_IN_DONT_FOLLOW = 0x02000000
+# An output file deleted or renamed over (by its rank): whatever stands there now is to
+# be asked, never trusted (see AttemptLogs.size).
+_REPLACED = _IN_DELETE | _IN_MOVED_FROM | IN_MOVED_TO
+# A rank directory itself moved or deleted: nothing more is seen in it; ask the files.
+_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF
+# a write to an output file, or its replacement; the error file appearing, also by rename
+_WATCHED = IN_MODIFY | IN_CREATE | _REPLACED | _GONE
+# a watch is on the rank directory the agent made, never on what a link points to
+_WATCH_FLAGS = _WATCHED | _IN_ONLYDIR | _IN_DONT_FOLLOW
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +116,7 @@ class LogWatcher:
             wds: list[int] = []
             try:
                 for rank in range(logs.nprocs):
-                    wds.append(self._inotify.add_watch(logs.rank_dir(rank), _WATCHED))
+                    wds.append(self._inotify.add_watch(logs.rank_dir(rank), _WATCH_FLAGS))
             except OSError as err:
                 for wd in wds:
                     self._inotify.rm_watch(wd)
@@ -166,6 +185,9 @@ class LogWatcher:
             if target is None:
                 continue
             logs, rank = target
+            if mask & _GONE:
+                logs.written = logs.error_files = None
+                continue
             stream = FILE_STREAMS.get(name)
             if stream is not None:
                 if mask & IN_MODIFY:  # (its creation by spawn tells nothing)
@@ -173,6 +195,8 @@ class LogWatcher:
                     if logs.written is not None:
                         logs.written.add((rank, stream))
                     woken[id(logs)] = logs
+                elif mask & _REPLACED and logs.written is not None:
+                    logs.written.add((rank, stream))
             elif name == ERROR_FILE and logs.error_files is not None:
                 logs.error_files.add(rank)
         for logs in woken.values():

@@ -21,18 +21,34 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rankd.agent import procs, resources, spares
+from rankd.agent import logdir, procs, resources, spares
 from rankd.agent.errors import AlreadyExists, LimitExceeded, SpecError
 from rankd.agent.follow import LogWatcher
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
 from rankd.agent.model import Attempt, Rank
 from rankd.agent.specs import JobSpec
 
-__all__ = ["Launcher", "Placement", "RankPlan", "plan_ranks"]
+__all__ = ["AGENT_ONLY_ENV", "Launcher", "Placement", "RankPlan", "plan_ranks"]
 
 SPAWN_SERIAL = 8  # ranks an attempt starts from the calling thread alone
 SPAWN_THREADS = 8  # threads starting the ranks of a larger attempt
 SPAWN_PER_LANE = 4  # ranks per spawn thread, up to SPAWN_THREADS threads
+#: What the service manager hands the agent alone, never passed on to its ranks:
+#: systemd's credentials directory (LoadCredential=: the token and TLS key), its
+#: notification socket (a rank could report the agent ready or stopping, or name another
+#: main pid), and the watchdog and socket-activation variables (they name the agent's pid
+#: and descriptors). A Start may still set any of them in its env.
+AGENT_ONLY_ENV = frozenset(
+    {
+        "CREDENTIALS_DIRECTORY",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_PID",
+        "WATCHDOG_USEC",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PID",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +68,11 @@ def plan_ranks(
     spec: JobSpec, logs: AttemptLogs, *, base_env: Mapping[str, str], marker: str
 ) -> list[RankPlan]:
     """Every rank's plan, by local rank. The environment, later layers winning:
-    `spec.default_env`, `base_env` (the agent's), `spec.env`, the rank's `rank_env`, then
-    LOCAL_RANK, TORCHELASTIC_ERROR_FILE and the attempt's marker (RANKD_ATTEMPT)."""
+    `spec.default_env`, `base_env` (the agent's, but AGENT_ONLY_ENV), `spec.env`, the
+    rank's `rank_env`, then LOCAL_RANK, TORCHELASTIC_ERROR_FILE and the attempt's marker
+    (RANKD_ATTEMPT)."""
     merged = dict(spec.default_env)
-    merged.update(base_env)
+    merged.update((k, v) for k, v in base_env.items() if k not in AGENT_ONLY_ENV)
     merged.update(spec.env)
     common = {k: _env_item(k, v) for k, v in merged.items()}  # encoded once per attempt
     mark = _env_item(procs.MARKER_ENV, marker)
@@ -136,9 +153,10 @@ class Launcher:
         attempt = Attempt(spec=spec, logs=logs, start_time=time.time(), marker=marker)
         try:
             plans = plan_ranks(spec, logs, base_env=base_env, marker=marker)
-            if not where.ready:
-                for rank in range(spec.nprocs):
-                    os.mkdir(logs.rank_dir(rank))  # the files are created by spawn
+            if not where.ready:  # the files are created by spawn
+                with logdir.open_dir(where.attempt_dir) as attempt_fd:
+                    for rank in range(spec.nprocs):
+                        os.mkdir(str(rank), logdir.DIR_MODE, dir_fd=attempt_fd)
             watcher.watch(logs)  # before the ranks write
             self.spawn(plans, attempt.ranks)
         except OSError as err:
@@ -170,7 +188,7 @@ class Launcher:
         try:
             ready = self._spares.take_attempt(spec.nprocs, attempt_dir)
             if not ready:
-                os.mkdir(attempt_dir)
+                os.mkdir(attempt_dir, logdir.DIR_MODE)
         except FileExistsError:
             raise AlreadyExists(
                 f"log directory {attempt_dir} exists already; attempts are never overwritten"
@@ -191,7 +209,7 @@ class Launcher:
             break
         run_dir = spares.make_dir(self._log_dir, prefix)
         try:
-            os.mkdir(os.path.join(run_dir, attempt_name))
+            os.mkdir(os.path.join(run_dir, attempt_name), logdir.DIR_MODE)
         except OSError:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

@@ -69,7 +69,6 @@ def rename_noreplace(src: str, dst: str) -> None:
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
 _POSIX_SPAWN_SETSID = 0x80
-_OUT_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 
 
 class _Opaque(ctypes.Structure):
@@ -81,10 +80,10 @@ class _Opaque(ctypes.Structure):
 class Spawner:
     """Starts processes with glibc's posix_spawn (vfork-style: no page tables copied, no
     Python-side fork machinery), each in a new session, with stdin from /dev/null and
-    stdout/stderr appended to files, every signal at its default (SIGPIPE and SIGXFSZ,
-    which Python ignores, and any the agent inherited ignored) and none blocked, and no
-    descriptor but 0-2 (as
-    Popen with close_fds). Needs glibc 2.34 (posix_spawn_file_actions_addclosefrom_np)."""
+    stdout/stderr on descriptors the caller opened, every signal at its default (SIGPIPE
+    and SIGXFSZ, which Python ignores, and any the agent inherited ignored) and none
+    blocked, and no descriptor but 0-2 (as Popen with close_fds). Needs glibc 2.34
+    (posix_spawn_file_actions_addclosefrom_np)."""
 
     def __init__(self) -> None:
         # AttributeError here, not at the first spawn, when glibc lacks one of them
@@ -111,28 +110,30 @@ class Spawner:
         argv: list[str],
         env: list[bytes],
         *,
-        stdout_path: str,
-        stderr_path: str,
+        stdout_fd: int,
+        stderr_fd: int,
         cwd: str | None = None,
     ) -> int:
-        """Start `path` with `argv` and `env` ("KEY=value" bytes); return its pid. Raises
+        """Start `path` with `argv` and `env` ("KEY=value" bytes), its stdout and stderr
+        copies of `stdout_fd` and `stderr_fd` (left open here); return its pid. Raises
         OSError (errno, strerror, path) when it cannot be started (not found, not
-        executable, a file that cannot be opened)."""
+        executable)."""
         actions = _Opaque()
         fa = ctypes.byref(actions)
         _spawn_check(_libc.posix_spawn_file_actions_init(fa), "file_actions_init")
         try:
-            for fd, target, flags in (
-                (0, b"/dev/null", os.O_RDONLY),
-                (1, os.fsencode(stdout_path), _OUT_FLAGS),
-                (2, os.fsencode(stderr_path), _OUT_FLAGS),
-            ):
+            # the output files are opened by the caller, who can check what they are: in
+            # the child, between vfork and exec, a FIFO would block the agent too
+            for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
                 _spawn_check(
-                    _libc.posix_spawn_file_actions_addopen(fa, fd, target, flags, 0o644),
-                    "file_actions_addopen",
+                    _libc.posix_spawn_file_actions_adddup2(fa, fd, target), "file_actions_adddup2"
                 )
+            _spawn_check(
+                _libc.posix_spawn_file_actions_addopen(fa, 0, b"/dev/null", os.O_RDONLY, 0),
+                "file_actions_addopen",
+            )
             # as Popen's close_fds: descriptors inherited from whoever started the agent
-            # may lack close-on-exec
+            # may lack close-on-exec (and the caller's two are copied to 1 and 2)
             _spawn_check(_libc.posix_spawn_file_actions_addclosefrom_np(fa, 3), "addclosefrom_np")
             if cwd:
                 _spawn_check(

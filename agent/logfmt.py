@@ -1,4 +1,11 @@
-"""The agent's own log records: human text, or JSON lines for log shippers."""
+"""The agent's own log records: human text, or JSON lines for log shippers.
+
+Either way one record is one line: a record's message often holds what a rank wrote (an
+error file's message, a path, a job's reason), and a newline there must not forge a line
+of the agent's log. The JSON form escapes by nature; the text form writes every
+non-printable character of the message (newlines, carriage returns, escape sequences,
+Unicode line separators) as its Python escape: "boom\\n" for "boom" and a newline. A
+traceback (`logger.exception`) still follows on lines of its own: it is the agent's."""
 
 from __future__ import annotations
 
@@ -7,10 +14,37 @@ import logging
 import sys
 import time
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "escape"]
 
 # Set through `extra=` by the supervisor: the job and rank a record is about.
 _FIELDS = ("job_id", "restart_count", "local_rank", "pid")
+
+
+def escape(text: str) -> str:
+    """`text` with every non-printable character as its Python escape (`\\n`, `\\x1b`,
+    `\\u2028`); `text` itself when it has none (the common case costs one scan)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message`, the message escaped (see `escape`) so that a record
+    is one line, but for a traceback that follows it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        safe = escape(message)
+        if safe is message:
+            return super().formatMessage(record)
+        record.message = safe  # for this formatting only: other handlers see the original
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,7 +73,7 @@ def configure_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -12,6 +12,13 @@ A line's cursor is the byte offset just after it in its file; resuming from a cu
 yields each later line exactly once. A line longer than `MAX_LINE` bytes is cut into
 `MAX_LINE` chunks marked partial. A last line without a newline is sent, partial, once
 the attempt has ended (torch's TailLog and Ray both lost such last lines).
+
+A rank can replace its files. They are opened by `rankfiles.open_regular`: what is not a
+regular file (a FIFO, a symbolic link, also in place of a directory above it) is never
+opened nor followed; a reader says so once as a `Notice` (a LogLine marked `notice` on
+the wire) and in `AttemptLogs.problems` (Poll), and reads the other files on. A reader
+keeps the file it opened: one replaced later, even by a regular file, is served only to
+readers that open it afterwards.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, NamedTuple
+
+from rankd.agent.rankfiles import MAX_OFFSET, NotRegularFile, open_regular, regular_size
 
 __all__ = [
     "MAX_LINE",
@@ -35,8 +45,8 @@ __all__ = [
     "Chunk",
     "LogLine",
     "LogReader",
+    "Notice",
     "Pulse",
-    "file_size",
 ]
 
 STDOUT = 1
@@ -106,6 +116,16 @@ class Chunk(NamedTuple):
     partial: bool = False
 
 
+class Notice(NamedTuple):
+    """The agent's word about one (rank, stream) file instead of its lines: `text` says
+    why it is not read; `offset` is the cursor where reading stopped."""
+
+    local_rank: int
+    stream: int
+    offset: int
+    text: str
+
+
 @dataclass
 class AttemptLogs:
     """The files of one attempt and what readers need to follow them."""
@@ -122,6 +142,8 @@ class AttemptLogs:
     written: set[tuple[int, int]] | None = None
     error_files: set[int] | None = None
     polled: bool = False  # followed without inotify: the files tell when ranks wrote
+    # (local rank, file name) -> why that file is not read (see `note_problem`)
+    problems: dict[tuple[int, str], str] = field(default_factory=dict)
 
     @property
     def log_dir(self) -> str:
@@ -142,11 +164,33 @@ class AttemptLogs:
         self.pulse.fire()
 
     def size(self, local_rank: int, stream: int) -> int:
-        """Bytes in a file (-1: missing). A file nobody wrote to is empty (it was created
-        so): no stat then. Call after `LogWatcher.drain`, so that no write is unseen."""
+        """Bytes in a file (-1: missing, or not a regular file: then noted, see
+        `note_problem`). A file nobody wrote to, deleted or renamed over is empty (it was
+        created so): no stat then. Call after `LogWatcher.drain`, so that no change is
+        unseen."""
         if self.written is not None and (local_rank, stream) not in self.written:
             return 0
-        return file_size(self.path(local_rank, stream))
+        try:
+            return regular_size(self.path(local_rank, stream))
+        except NotRegularFile as err:
+            self.note_problem(local_rank, STREAM_FILES[stream], str(err))
+            return -1
+
+    def note_problem(self, local_rank: int, name: str, problem: str) -> None:
+        """Record why the rank's file `name` is not read (Poll shows it, see
+        `file_problems`); logged once per file."""
+        key = (local_rank, name)
+        if key not in self.problems:
+            self.problems[key] = problem
+            logger.warning("%s: not read", problem)
+
+    def file_problems(self, local_rank: int) -> list[str]:
+        """Why files of the rank are not read, one line each (empty: none)."""
+        if not self.problems:
+            return []
+        return [
+            f"{text}: not read" for (r, _), text in sorted(self.problems.items()) if r == local_rank
+        ]
 
     def may_have_error_file(self, local_rank: int) -> bool:
         """False when the rank's error file surely does not exist (no stat); the same
@@ -161,8 +205,8 @@ class AttemptLogs:
         latest = 0.0
         for stream in STREAM_FILES:
             with contextlib.suppress(OSError):
-                st = os.stat(self.path(local_rank, stream))
-                if st.st_size:
+                st = os.lstat(self.path(local_rank, stream))
+                if st.st_size and stat.S_ISREG(st.st_mode):
                     latest = max(latest, st.st_mtime)
         return latest
 
@@ -172,6 +216,9 @@ class AttemptLogs:
             return self.last_output
         times = {rank: self.output_time(rank) for rank in range(self.nprocs)}
         return {rank: t for rank, t in times.items() if t}
+
+
+_REFUSED = -2  # the `fd` of a cursor whose file is not read (not a regular file)
 
 
 class _FileCursor:
@@ -188,12 +235,14 @@ class _FileCursor:
         self.fd = -1
 
     def open(self) -> bool:
-        if self.fd < 0:
+        """Whether the file is open (False: not there yet, or refused). Raises
+        NotRegularFile once, for a file that is not to be read (then it is refused)."""
+        if self.fd == -1:
             try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = open_regular(self.path)
             except FileNotFoundError:
                 return False
-        return True
+        return self.fd >= 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -205,7 +254,12 @@ class _FileCursor:
         over-long ones to `out`; return the number of bytes read."""
         if not self.open():
             return 0
-        data = os.pread(self.fd, min(budget, READ_CHUNK), self.pos)
+        # A resume cursor may lie anywhere up to the largest offset; no file reaches it,
+        # and pread refuses a read that would end beyond it (EINVAL): end-of-file.
+        size = min(budget, READ_CHUNK, MAX_OFFSET - self.pos)
+        if size <= 0:
+            return 0
+        data = os.pread(self.fd, size, self.pos)
         if not data:
             return 0
         self.pos += len(data)
@@ -303,14 +357,6 @@ def _has_long_line(data: bytes) -> bool:
     return False
 
 
-def file_size(path: str) -> int:
-    """Bytes in a log file; -1 when it does not exist (yet) or cannot be read."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
-
-
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
@@ -331,8 +377,11 @@ class LogReader:
         line_filter: Callable[[str], bool] | None = None,
         max_batch_bytes: int = MAX_BATCH_BYTES,
         packed: bool = False,
+        notices: bool = False,
     ) -> None:
-        """`packed`: `blocks()` yields Chunks (raw bytes), not Blocks; no line_filter."""
+        """`packed`: `blocks()` yields Chunks (raw bytes), not Blocks; no line_filter.
+        `notices`: `blocks()` also yields, in batches of their own, a `Notice` for each
+        file it does not read (not a regular file); it is noted in `logs` either way."""
         if packed and line_filter is not None:
             raise ValueError("a packed reader cannot filter lines")
         cursors = cursors or {}
@@ -342,6 +391,7 @@ class LogReader:
         self._filter = line_filter
         self._max_batch = max_batch_bytes
         self.packed = packed
+        self._notices: list[Notice] | None = [] if notices else None
         self._next = 0  # round-robin start, so one busy file cannot starve the others
 
     def _read_round(self) -> tuple[list[Any], int]:
@@ -353,13 +403,25 @@ class LogReader:
             progress = False
             for i in range(count):
                 cursor = self._files[(self._next + i) % count]
-                got = cursor.read(min(budget, READ_CHUNK), blocks)
+                try:
+                    got = cursor.read(min(budget, READ_CHUNK), blocks)
+                except NotRegularFile as err:
+                    self._refuse(cursor, err)
+                    got = 0
                 budget -= got
                 progress = progress or got > 0
                 if budget <= 0:
                     break
             self._next = (self._next + 1) % max(count, 1)
         return self._filtered(blocks), self._max_batch - budget
+
+    def _refuse(self, cursor: _FileCursor, err: NotRegularFile) -> None:
+        cursor.fd = _REFUSED  # (open_regular raised: nothing is open)
+        rank, stream = cursor.key
+        self._logs.note_problem(rank, STREAM_FILES[stream], str(err))
+        if self._notices is not None:
+            text = f"rankd-agent: {err}: not read"
+            self._notices.append(Notice(rank, stream, cursor.pos, text))
 
     def _filtered(self, blocks: list[Any]) -> list[Any]:
         keep = self._filter
@@ -381,6 +443,9 @@ class LogReader:
                 wake = self._logs.pulse.future()
                 ended = self._logs.ended  # read before the files: what it promises is on disk
                 batch, nbytes = self._read_round()
+                if self._notices:
+                    yield self._notices
+                    self._notices = []
                 for part in _split(batch, MAX_BATCH_LINES):
                     yield part
                 if nbytes:

@@ -1,26 +1,52 @@
 """Prometheus metrics of an agent (`--metrics-port`).
 
 Job and rank gauges are computed at scrape time from the supervisor; RPC latencies are
-observed by a server interceptor. The HTTP endpoint runs on prometheus-client's own
-thread; it only reads plain counters and snapshots, never mutates agent state.
+observed by a server interceptor. The HTTP endpoint (`MetricsEndpoint`) runs on the
+agent's event loop: a connection costs a task, not a thread, and the scrape reads the
+supervisor's state where it changes, never from another thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rankd.agent import resources
+from rankd.agent.errors import RankdError
 from rankd.agent.model import JobState
 from rankd.agent.supervisor import Supervisor
 
-__all__ = ["MetricsInterceptor", "StreamStats", "serve_metrics"]
+__all__ = [
+    "METRICS_BACKLOG",
+    "METRICS_MAX_CONNECTIONS",
+    "METRICS_TIMEOUT",
+    "MetricsEndpoint",
+    "MetricsInterceptor",
+    "StreamStats",
+    "metrics_registry",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Scrape connections served at once. One more evicts the oldest connection that has
+#: not sent its request yet (so idle sockets cannot lock Prometheus out), or is refused
+#: when every one is being answered.
+METRICS_MAX_CONNECTIONS = 32
+#: Seconds a scrape connection has to send its request, and again to take the answer.
+METRICS_TIMEOUT = 5.0
+#: Connections the kernel queues for the endpoint before it accepts them.
+METRICS_BACKLOG = 128
+#: Bytes of request line and headers read at most (a scraper sends a few hundred).
+_MAX_REQUEST_HEAD = 8192
 
 
 class StreamStats:
@@ -188,11 +214,113 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def serve_metrics(
-    host: str, port: int, supervisor: Supervisor, streams: StreamStats
-) -> tuple[CollectorRegistry, int]:
-    """Start the HTTP endpoint on (host, port); returns the registry and the bound port."""
+def metrics_registry(supervisor: Supervisor, streams: StreamStats) -> CollectorRegistry:
+    """A registry with the agent's job, rank and node metrics (read at scrape time)."""
     registry = CollectorRegistry()
     registry.register(_AgentCollector(supervisor, streams))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return registry, int(server.server_port)
+    return registry
+
+
+class MetricsEndpoint:
+    """`GET /metrics` over HTTP/1.1 on the running event loop: Prometheus text of
+    `registry`, one request per connection. Bounded: `METRICS_MAX_CONNECTIONS`
+    connections, `METRICS_TIMEOUT` to send the request and again to take the answer,
+    `_MAX_REQUEST_HEAD` bytes of request head. Anything but GET is 405, any other path
+    404."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port  # 0 until started: any free port
+        self._open: set[asyncio.StreamWriter] = set()
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # no request yet, oldest first
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen, and say where on stderr (`metrics on HOST:PORT`); RankdError when it
+        cannot listen there."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, backlog=METRICS_BACKLOG, limit=_MAX_REQUEST_HEAD
+            )
+        except OSError as err:
+            raise RankdError(
+                f"cannot serve metrics on {self.host}:{self.port}: {err.strerror}"
+            ) from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        print(f"metrics on {self.host}:{self.port}", file=sys.stderr, flush=True)
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection. Idempotent."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            writer.transport.abort()
+            return
+        try:
+            async with asyncio.timeout(METRICS_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            if writer not in self._waiting:
+                return  # evicted while its request came in
+            del self._waiting[writer]
+            answer = self._answer(head.split(b"\r\n", 1)[0])
+            # No write buffer of our own: drain returns once the kernel has all of it.
+            writer.transport.set_write_buffer_limits(high=0)
+            writer.write(answer)
+            async with asyncio.timeout(METRICS_TIMEOUT):
+                await writer.drain()
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass  # slow, oversized, malformed or gone: the connection is dropped
+        finally:
+            self._waiting.pop(writer, None)
+            self._open.discard(writer)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a reader too slow to take the answer
+            else:
+                writer.close()
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Room for one more connection: evict the oldest one still silent if full."""
+        if len(self._open) >= METRICS_MAX_CONNECTIONS:
+            if not self._waiting:
+                return False
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self._open.discard(oldest)
+            oldest.transport.abort()
+        self._open.add(writer)
+        self._waiting[writer] = None
+        return True
+
+    def _answer(self, request_line: bytes) -> bytes:
+        """The whole HTTP response to `request_line` (`GET /metrics HTTP/1.1`)."""
+        method, _, rest = request_line.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method != b"GET":
+            return _response(b"405 Method Not Allowed", b"only GET /metrics\n", b"GET")
+        if path != b"/metrics":
+            return _response(b"404 Not Found", b"metrics are at /metrics\n")
+        return _response(b"200 OK", generate_latest(self.registry), content=CONTENT_TYPE_LATEST)
+
+
+def _response(
+    status: bytes, body: bytes, allow: bytes = b"", content: str = "text/plain; charset=utf-8"
+) -> bytes:
+    head = [b"HTTP/1.1 " + status, b"Content-Type: " + content.encode()]
+    head += [b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
+    if allow:
+        head.append(b"Allow: " + allow)
+    return b"\r\n".join(head) + b"\r\n\r\n" + body

@@ -2,7 +2,8 @@
 the agent's console (`tee`, limited by `local_ranks_filter`) and to the attempt's
 `filtered_stdout.log` / `filtered_stderr.log` (the lines holding one of the spec's
 duplicate filters), as torch's `TailLog` does. Each mirror is a task that follows the
-files until the attempt ends and it has written every line."""
+files until the attempt ends and it has written every line, and lets the loop serve
+others after each batch: the duplicate filters run in `agent.filters`' threads."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-from collections.abc import Callable
 from typing import TextIO
 
-from rankd.agent import resources
+from rankd.agent import logdir, resources
+from rankd.agent.filters import LineFilter, any_of
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs, LogReader
 from rankd.agent.model import Attempt
 from rankd.agent.specs import Std
@@ -46,35 +46,35 @@ def start_mirrors(attempt: Attempt, console_out: TextIO, console_err: TextIO) ->
             keys = [(r, stream) for r in range(spec.nprocs)]
             path = os.path.join(logs.attempt_dir, FILTERED_FILES[stream])
             try:
-                sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the mirror)
+                # 0600, never through a link or into a FIFO a rank planted there
+                sink = os.fdopen(logdir.open_append(path), "a", encoding="utf-8")
             except OSError as err:  # the ranks run on: only this copy is lost
                 logger.warning(
                     "%s", _trouble(err, f"writing {path}", logs), extra=attempt.log_extra()
                 )
                 continue
             attempt.mirrors.append(
-                asyncio.ensure_future(_mirror(logs, keys, sink, _any_of(needles), close=True))
+                asyncio.ensure_future(_mirror(logs, keys, sink, any_of(needles), close=True))
             )
-
-
-def _any_of(needles: tuple[str, ...]) -> Callable[[str], bool]:
-    pattern = re.compile("|".join(re.escape(n) for n in needles))
-    return lambda text: pattern.search(text) is not None
 
 
 async def _mirror(
     logs: AttemptLogs,
     keys: list[tuple[int, int]],
     sink: TextIO,
-    line_filter: Callable[[str], bool] | None,
+    line_filter: LineFilter | None,
     *,
     close: bool,
 ) -> None:
     """Copy lines, prefixed with their rank's header, to `sink` until the attempt ends."""
     try:
-        async for batch in LogReader(logs, keys, follow=True, line_filter=line_filter).batches():
+        async for blocks in LogReader(logs, keys, follow=True).blocks():
+            if line_filter is not None:
+                blocks = await line_filter.apply(blocks)
+            else:  # a flood's copy: the loop serves others between batches
+                await asyncio.sleep(0)
             prefixes = logs.prefixes
-            sink.write("".join(f"{prefixes[ln.local_rank]}{ln.text}\n" for ln in batch))
+            sink.write("".join(f"{prefixes[b.local_rank]}{t}\n" for b in blocks for t in b.texts))
             sink.flush()
     except OSError as err:  # out of descriptors or disk space: say which, no traceback
         logger.warning("%s", _trouble(err, f"mirroring the output of {logs.attempt_dir}", logs))

@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 import psutil
 
 from rankd.agent.linux import MARKER_ENV, Spawner, descendants, read_environ_marker, task_children
+from rankd.agent.logdir import open_append
 
 __all__ = [
     "MARKER_ENV",
@@ -51,29 +52,35 @@ def spawn(
 ) -> int:
     """Start one rank (argv[0] an absolute path; `env` as "KEY=value" bytes) in a new
     session, its output appended straight to its files, and return its pid (reaped by
-    `ExitWatcher`). Raises OSError when it cannot start. posix_spawn where glibc has what
-    it needs, else Popen."""
-    spawner = _spawner()
-    if spawner is not None:
-        return spawner.spawn(
-            argv[0],
-            argv,
-            env,
-            stdout_path=stdout_path,
-            stderr_path=stderr_path,
-            cwd=cwd,
-        )
-    with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            env=dict(item.split(b"=", 1) for item in env),
-            cwd=cwd or None,
-            start_new_session=True,
-            close_fds=True,
-        )
+    `ExitWatcher`). The files are created 0600 if missing and must be regular files,
+    reached without a symbolic link at their end (`logdir.open_append`). Raises OSError
+    when it cannot start. posix_spawn where glibc has what it needs, else Popen."""
+    out = open_append(stdout_path)
+    try:
+        err = open_append(stderr_path)
+        try:
+            spawner = _spawner()
+            if spawner is not None:
+                return spawner.spawn(argv[0], argv, env, stdout_fd=out, stderr_fd=err, cwd=cwd)
+            return _popen(argv, env, cwd, out, err)
+        finally:
+            os.close(err)
+    finally:
+        os.close(out)
+
+
+def _popen(argv: list[str], env: list[bytes], cwd: str | None, out: int, err: int) -> int:
+    """`spawn` where posix_spawn cannot be had."""
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        env=dict(item.split(b"=", 1) for item in env),
+        cwd=cwd or None,
+        start_new_session=True,
+        close_fds=True,
+    )
     # Never waited for through Popen (ExitWatcher reaps the pid): a returncode keeps its
     # finalizer from queueing the pid for subprocess' own reaping, which would race ours.
     popen.returncode = 0

@@ -19,14 +19,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from rankd.agent import __version__, resources, wire
+from rankd.agent import __version__, flags, resources, security, wire
 from rankd.agent.errors import RankdError
+from rankd.agent.flags import DEFAULT_PORT
 from rankd.agent.follow import FOLLOW_MODES
 from rankd.agent.logfmt import configure_logging
-from rankd.agent.metrics import MetricsInterceptor, StreamStats, serve_metrics
-from rankd.agent.security import TokenInterceptor, check_bind_policy, load_token, server_credentials
+from rankd.agent.metrics import MetricsEndpoint, MetricsInterceptor, StreamStats, metrics_registry
+from rankd.agent.security import DEFAULT_LIMITS, ConnectionLimits
 from rankd.agent.service import NodeAgentService
 from rankd.agent.specs import Limits
+from rankd.agent.stacks import Sampler, find_sampler
 from rankd.agent.supervisor import Supervisor
 from rankd.v1 import agent_pb2
 
@@ -34,16 +36,15 @@ __all__ = ["DEFAULT_PORT", "AgentServer", "create_server", "default_log_dir", "m
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 29500 + 100  # 29600: beside torchrun's 29500 rendezvous default
 #: The agent's own signals: each starts an orderly teardown, as torch's elastic agent
 #: handles TORCHELASTIC_SIGNALS_TO_HANDLE; a second one during it SIGKILLs every rank.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: Seconds RPCs under way get to finish once every job was stopped; streams that would
 #: go on (a Watch without until_ended) are cancelled then.
 STOP_GRACE = 0.2
-DEFAULT_MIN_FREE_SPACE = "100M"
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Largest answer sent: a Stream's packed blocks and a Poll of many ranks.
+MAX_SEND_BYTES = 16 * 1024 * 1024
 
 
 def default_log_dir() -> str:
@@ -58,12 +59,31 @@ class AgentServer:
     server: grpc.aio.Server
     supervisor: Supervisor
     port: int
+    metrics: MetricsEndpoint | None = None
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Kill every job of the supervisor (SIGTERM, SIGKILL after `timeout`), then stop
-        the server."""
+        the servers."""
         await self.supervisor.close(timeout)
         await self.server.stop(grace=STOP_GRACE)
+        if self.metrics is not None:
+            await self.metrics.close()
+
+
+def _add_services(
+    server: grpc.aio.Server, supervisor: Supervisor, stats: StreamStats, stacks_sampler: str | None
+) -> AsyncHealthServicer:
+    """The agent's service, health and reflection on `server`; returns the health servicer."""
+    sampler = Sampler(find_sampler(stacks_sampler), children=supervisor.children)
+    if sampler.program is None and stacks_sampler:
+        logger.warning("--stacks-sampler %s is not executable: no stacks", stacks_sampler)
+    wire.register(NodeAgentService(supervisor, stats, sampler), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return health_servicer
 
 
 async def create_server(
@@ -73,32 +93,33 @@ async def create_server(
     log_dir: str | None = None,
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
     metrics: tuple[str, int] | None = None,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
+    stacks_sampler: str | None = None,
 ) -> AgentServer:
     """A started server bound to `address` (port 0 = any free port).
 
     Serves `supervisor` (or a new one over `log_dir`), bound to the running loop first
     (`Supervisor.bind`); with `token`, every call but health checks needs
-    `authorization: Bearer <token>`; with `credentials`, TLS. Stop with
-    `AgentServer.stop`, which also kills the supervisor's jobs."""
+    `authorization: Bearer <token>`; with `credentials`, TLS; peers get the room of
+    `limits`; Stacks runs `stacks_sampler` (None: py-spy beside this Python or on
+    PATH). Stop with `AgentServer.stop`, which also kills the supervisor's jobs."""
     if supervisor is None:
         supervisor = Supervisor(log_dir or default_log_dir())
     supervisor.bind()
     stats = StreamStats()
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if token:
-        interceptors.append(TokenInterceptor(token))
+        interceptors.append(security.TokenInterceptor(token))
+    endpoint = None
     if metrics is not None:
-        registry, metrics_port = serve_metrics(metrics[0], metrics[1], supervisor, stats)
-        interceptors.append(MetricsInterceptor(registry))
-        logger.info("metrics on http://%s:%d/metrics", metrics[0], metrics_port)
-        print(f"metrics on {metrics[0]}:{metrics_port}", file=sys.stderr, flush=True)
+        endpoint = MetricsEndpoint(metrics_registry(supervisor, stats), *metrics)
+        interceptors.append(MetricsInterceptor(endpoint.registry))
     server = grpc.aio.server(
         interceptors=interceptors or None,
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *limits.options(),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
             # clients ping every second or more to detect lost nodes (rankd launch
             # --node-timeout): allowed, never answered with GOAWAY too_many_pings
@@ -106,12 +127,7 @@ async def create_server(
             ("grpc.http2.max_ping_strikes", 0),
         ],
     )
-    wire.register(NodeAgentService(supervisor, stats), server)
-    health_servicer = AsyncHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    health_servicer = _add_services(server, supervisor, stats, stacks_sampler)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -121,16 +137,24 @@ async def create_server(
         raise RankdError(f"cannot listen on {address}: {err}") from None
     if port == 0:
         raise RankdError(f"cannot listen on {address}: address in use or not available")
+    if endpoint is not None:
+        await endpoint.start()
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return AgentServer(server, supervisor, port)
+    return AgentServer(server, supervisor, port, endpoint)
 
 
-async def create_health_server(address: str) -> tuple[grpc.aio.Server, int]:
-    """A plaintext server with only the standard health service, for probes that cannot
-    speak TLS (Kubernetes' gRPC probe). It runs no commands and needs no token."""
-    server = grpc.aio.server()
+async def create_health_server(
+    address: str, limits: ConnectionLimits = DEFAULT_LIMITS
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only the standard health check, for probes that cannot
+    speak TLS (Kubernetes' gRPC probe). It runs no commands and needs no token; Watch,
+    a stream that would hold a connection for good, is UNIMPLEMENTED there."""
+    server = grpc.aio.server(
+        interceptors=[security.OpenMethodsOnly()],
+        options=limits.options(),
+    )
     servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
@@ -140,156 +164,6 @@ async def create_health_server(address: str) -> tuple[grpc.aio.Server, int]:
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return server, port
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rankd-agent",
-        description=(
-            "The rankd node agent: a gRPC server (rankd.v1.NodeAgent) that starts, watches, "
-            "streams and kills the local ranks of distributed jobs on this node. "
-            "Run one per node. Its first stdout line is 'listening on HOST:PORT'."
-        ),
-        epilog="Example: rankd-agent --port 29600 --log-dir /var/log/rankd",
-    )
-    _add_serving_flags(parser)
-    _add_limit_flags(parser)
-    _add_security_flags(parser)
-    _add_observability_flags(parser)
-    parser.add_argument("--version", action="version", version=f"rankd-agent {__version__}")
-    return parser
-
-
-def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help="port to bind; 0 picks a free one (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--log-dir",
-        default=None,
-        help="where jobs' logs go (default: $XDG_STATE_HOME/rankd/logs or "
-        "~/.local/state/rankd/logs)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="the agent's own log level (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=10.0,
-        help="on SIGTERM, SIGINT, SIGHUP or SIGQUIT, seconds to wait after SIGTERM to the "
-        "ranks before SIGKILL; a second signal sends SIGKILL at once (default: %(default)s)",
-    )
-
-
-def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--min-free-space",
-        type=_size,
-        default=DEFAULT_MIN_FREE_SPACE,
-        metavar="SIZE",
-        help="refuse a Start (RESOURCE_EXHAUSTED) while the log directory's file system "
-        "has less free; suffixes K, M, G (powers of 1024); 0 = no check (default: "
-        "%(default)s)",
-    )
-    parser.add_argument(
-        "--log-follow",
-        choices=FOLLOW_MODES,
-        default=os.environ.get("RANKD_LOG_FOLLOW", "auto"),
-        help="how log files are followed: auto (inotify, polling every 25 ms where it "
-        "cannot be had) or poll (default: $RANKD_LOG_FOLLOW or auto)",
-    )
-    parser.add_argument(
-        "--max-jobs",
-        type=int,
-        default=1000,
-        help="jobs held in memory; past that, the job that ended longest ago is forgotten "
-        "(its logs and job.json stay on disk) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-nprocs",
-        type=int,
-        default=Limits.max_nprocs,
-        help="ranks per job (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-running-ranks",
-        type=int,
-        default=4096,
-        help="ranks running at once over all jobs (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--allow-entrypoint",
-        action="append",
-        default=None,
-        metavar="PATH",
-        help="only these executables may be started (repeatable; default: any)",
-    )
-    parser.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=MAX_MESSAGE_BYTES,
-        help="largest request accepted (default: %(default)s)",
-    )
-
-
-def _add_security_flags(parser: argparse.ArgumentParser) -> None:
-    sec = parser.add_argument_group(
-        "security",
-        "Any address but loopback needs --token-file and --tls-cert/--tls-key "
-        "(or --insecure on a trusted network).",
-    )
-    sec.add_argument(
-        "--token-file", help="file holding the bearer token clients must send (mode 600)"
-    )
-    sec.add_argument("--tls-cert", help="PEM certificate chain of this agent")
-    sec.add_argument("--tls-key", help="PEM private key of this agent")
-    sec.add_argument(
-        "--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mTLS)"
-    )
-    sec.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow a non-loopback address without token and TLS (loud warning)",
-    )
-
-
-def _add_observability_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics over HTTP on this port (0 = any free port; "
-        "the address is printed on stderr as 'metrics on HOST:PORT')",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="address of the metrics endpoint (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="also serve grpc.health.v1 alone, plaintext, on this port of --host (for "
-        "probes that cannot do TLS, e.g. Kubernetes gRPC probes)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="the agent's own log records: text, or one JSON object per line with job_id "
-        "and local_rank where they apply (default: %(default)s)",
-    )
 
 
 class _Stopper:
@@ -324,9 +198,9 @@ async def _serve(args: argparse.Namespace) -> int:
     stopper.install(asyncio.get_running_loop())
     # logged once listening: the first lines on stderr are others' (warnings, health on)
     fd_limits = resources.raise_fd_limit()
-    token = load_token(args.token_file) if args.token_file else None
-    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    warning = check_bind_policy(
+    token = security.load_token(args.token_file) if args.token_file else None
+    credentials = security.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    warning = security.check_bind_policy(
         args.host, token=token is not None, tls=credentials is not None, insecure=args.insecure
     )
     if warning:
@@ -335,18 +209,23 @@ async def _serve(args: argparse.Namespace) -> int:
     log_dir = args.log_dir or default_log_dir()
     host = args.host
     stopper.supervisor = supervisor = _supervisor(args, log_dir)
+    limits = ConnectionLimits(
+        args.max_connections, args.max_streams_per_connection, args.max_message_bytes
+    )
     agent = await create_server(
         _join(host, args.port),
         supervisor=supervisor,
         token=token,
         credentials=credentials,
-        max_message_bytes=args.max_message_bytes,
         metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
+        limits=limits,
+        stacks_sampler=args.stacks_sampler,
     )
     health_server = None
     if args.health_port is not None:
-        health_address = _join(host, args.health_port)
-        health_server, health_port = await create_health_server(health_address)
+        health_server, health_port = await create_health_server(
+            _join(host, args.health_port), limits
+        )
         print(f"health on {host}:{health_port}", file=sys.stderr, flush=True)
     # What is alive now lives as long as the agent (modules, the server, restored jobs):
     # frozen, the collector's full passes skip it; they would otherwise walk all of it
@@ -358,6 +237,7 @@ async def _serve(args: argparse.Namespace) -> int:
         "rankd-agent %s serving on %s:%d, logs in %s", __version__, host, agent.port, log_dir
     )
     _log_fd_limits(*fd_limits)
+    logger.info("%s", limits)
 
     await stopper.event.wait()
     logger.info(
@@ -383,13 +263,6 @@ def _log_fd_limits(before: int, now: int, hard: int) -> None:
         logger.info("open files limit: soft %d, hard %d", now, hard)
 
 
-def _size(text: str) -> int:
-    try:
-        return resources.parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _supervisor(args: argparse.Namespace, log_dir: str) -> Supervisor:
     """The agent's supervisor: a child subreaper with a guardian, as the flags say."""
     return Supervisor(
@@ -401,6 +274,7 @@ def _supervisor(args: argparse.Namespace, log_dir: str) -> Supervisor:
         max_jobs=args.max_jobs,
         max_running_ranks=args.max_running_ranks,
         allowed_entrypoints=args.allow_entrypoint,
+        allowed_env=args.allow_env,
         log_follow=args.log_follow,
         min_free_space=args.min_free_space,
     )
@@ -418,7 +292,7 @@ def _worker_env() -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent. Exits 2, with one line on stderr, when it cannot start; stopped by
     a signal, it ends by that same signal once every job stopped (see `_end_by`)."""
-    parser = _parser()
+    parser = flags.parser()
     args = parser.parse_args(argv)
     if args.log_follow not in FOLLOW_MODES:  # a default from the environment
         parser.error(

@@ -10,7 +10,6 @@ import functools
 import logging
 import math
 import os
-import re
 import resource
 import socket
 import time
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from rankd.agent import __version__, resources
-from rankd.agent.convert import cache_ended_rank, job_status, spec_from_pb
+from rankd.agent.convert import cache_ended_rank, job_status, spec_from_pb, stacks_response
 from rankd.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,14 +29,16 @@ from rankd.agent.errors import (
     RankdError,
     SpecError,
 )
+from rankd.agent.filters import LineFilter, filtered, stream_filter
 from rankd.agent.guardian import GuardianError
-from rankd.agent.logs import STDERR, STDOUT, Chunk, LogReader
+from rankd.agent.logs import STDERR, STDOUT, Chunk, LogReader, Notice
 from rankd.agent.metrics import StreamStats
 from rankd.agent.model import Attempt
-from rankd.agent.specs import check_requester, parse_signal, validate_job_id
+from rankd.agent.specs import check_filters, check_requester, parse_signal, validate_job_id
+from rankd.agent.stacks import Sampler, StackTarget, find_sampler
 from rankd.agent.supervisor import Supervisor
 from rankd.agent.watch import Update, check_heartbeat, job_updates
-from rankd.agent.wire import packed_response
+from rankd.agent.wire import notice_response, packed_response
 from rankd.v1 import agent_pb2 as pb
 from rankd.v1 import agent_pb2_grpc as pb_grpc
 
@@ -45,8 +46,8 @@ __all__ = ["NodeAgentService"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_REGEX = 1024
 _MAX_KILL_TIMEOUT = 3600.0
+_MAX_STACKS_TIMEOUT = 300.0
 
 _CODES: list[tuple[type[RankdError], grpc.StatusCode]] = [
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -94,9 +95,15 @@ def _unary(
 
 
 class NodeAgentService(pb_grpc.NodeAgentServicer):
-    def __init__(self, supervisor: Supervisor, stats: StreamStats | None = None) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        stats: StreamStats | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
         self._sup = supervisor
         self.stats = stats or StreamStats()
+        self.sampler = sampler or Sampler(find_sampler(), children=supervisor.children)
         supervisor.exit_hooks.append(cache_ended_rank)
 
     def _status_of(self, err: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
@@ -112,6 +119,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     ) -> pb.StartResponse:
         if not request.HasField("spec"):
             raise SpecError("StartRequest.spec is missing")
+        # before 200,000 of them are copied out of the message
+        check_filters("duplicate_stdout_filters", request.spec.duplicate_stdout_filters)
+        check_filters("duplicate_stderr_filters", request.spec.duplicate_stderr_filters)
         job, created = await self._sup.start(spec_from_pb(request.spec))
         return pb.StartResponse(job=job_status(job), created=created)
 
@@ -182,11 +192,32 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         validate_job_id(request.job_id)
         return pb.RenewResponse(remaining=self._sup.renew(request.job_id), agent_time=time.time())
 
+    @_unary
+    async def Stacks(
+        self, request: pb.StacksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StacksResponse:
+        attempt = self._job(request.job_id).current
+        timeout = request.timeout or self.sampler.timeout
+        if not (math.isfinite(timeout) and 0 < timeout <= _MAX_STACKS_TIMEOUT):
+            raise SpecError(f"timeout must be between 0 and {_MAX_STACKS_TIMEOUT:g} seconds")
+        wanted = set(request.local_ranks)
+        bad = sorted(r for r in wanted if not 0 <= r < attempt.spec.nprocs)
+        if bad:
+            raise SpecError(f"no local rank {bad[0]}: the job has {attempt.spec.nprocs} ranks")
+        ranks = [r for r in attempt.ranks if not wanted or r.local_rank in wanted]
+        live = [r for r in ranks if r.alive]
+        answers = await self.sampler.sample(
+            [StackTarget(r.local_rank, r.pid, r.stdout_path, r.stderr_path) for r in live],
+            native=request.native,
+            timeout=timeout,
+        )
+        return stacks_response(attempt, ranks, answers, socket.gethostname())
+
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         try:
-            attempt, reader = self._open_stream(request)
+            attempt, reader, line_filter = self._open_stream(request)
         except Exception as err:
             code, message = self._status_of(err, "opening a log stream")
             await context.abort(code, message)
@@ -196,7 +227,10 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         stats = self.stats
         stats.active += 1
         try:
-            async for blocks in reader.blocks():
+            async for blocks in filtered(reader.blocks(), line_filter):
+                if isinstance(blocks[0], Notice):  # a file not read (see agent.logs)
+                    yield notice_response(blocks, prefixes, count)
+                    continue
                 if reader.packed:  # encoded here; see agent.wire
                     _count_packed(blocks, stats)
                     yield packed_response(blocks, prefixes, count)  # type: ignore[misc]
@@ -269,7 +303,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             agent_time=time.time(),
         )
 
-    def _open_stream(self, request: pb.StreamRequest) -> tuple[Attempt, LogReader]:
+    def _open_stream(
+        self, request: pb.StreamRequest
+    ) -> tuple[Attempt, LogReader, LineFilter | None]:
         job = self._job(request.job_id)
         attempt = job.attempt(request.restart_count if request.HasField("restart_count") else None)
         nprocs = attempt.spec.nprocs
@@ -292,42 +328,23 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             if cursor.offset < 0:
                 raise SpecError(f"resume offset must be >= 0, got {cursor.offset}")
             cursors[(cursor.local_rank, cursor.stream)] = cursor.offset
-        line_filter = _line_filter(request.contains, request.regex)
+        line_filter = stream_filter(request.contains, request.regex)  # run off the loop
         keys = [(r, s) for r in dict.fromkeys(ranks) for s in dict.fromkeys(streams)]
         reader = LogReader(
             attempt.logs,
             keys,
             cursors=cursors,
             follow=request.follow,
-            line_filter=line_filter,
             packed=request.packed and line_filter is None,
+            notices=True,
         )
-        return attempt, reader
+        return attempt, reader, line_filter
 
 
 def _count_packed(chunks: list[Chunk], stats: StreamStats) -> None:
     stats.lines += sum(c.nlines for c in chunks)
     # as for lines: the text, without newlines
     stats.bytes += sum(len(c.data) - (0 if c.partial else c.nlines) for c in chunks)
-
-
-def _line_filter(contains: str, regex: str) -> Callable[[str], bool] | None:
-    if len(regex) > _MAX_REGEX or len(contains) > _MAX_REGEX:
-        raise SpecError(f"filters are limited to {_MAX_REGEX} characters")
-    pattern = None
-    if regex:
-        try:
-            pattern = re.compile(regex)
-        except re.error as err:
-            raise SpecError(f"invalid regex {regex!r}: {err}") from None
-    if pattern is None and not contains:
-        return None
-    if pattern is None:
-        return lambda text: contains in text
-    search = pattern.search
-    if not contains:
-        return lambda text: search(text) is not None
-    return lambda text: contains in text and search(text) is not None
 
 
 def _free_port() -> int:

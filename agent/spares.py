@@ -2,12 +2,14 @@
 
 A new job of n ranks needs 2 + n directories, 2n output files and its job.json before
 Start answers: 27 new inodes for 8 ranks, each a file system operation, and spawn waits
-for the output files (opened in the child, between vfork and exec).
+for the output files (opened just before each rank starts, see `agent.procs.spawn`).
 
 After each Start the agent makes the tree for one more attempt of the same size a moment
 later, in a thread of its own that pauses while a Start or a Kill runs, under a hidden
-name in the log dir (`.spare-*`, mode 0700 as a run directory): `attempt_0/` with the
-rank directories and their empty `stdout.log` and `stderr.log`, and an empty `job.json`.
+name in the log dir (`.spare-*`): `attempt_0/` with the rank directories and their empty
+`stdout.log` and `stderr.log`, and an empty `job.json`; directories 0700 and files 0600,
+as everything in the log dir (`agent.logdir`), each made relative to its directory's
+descriptor.
 The next Start of a new job with that many ranks takes it by renaming it to the job's
 run directory; a restart takes its `attempt_0/` as its attempt directory. Any other
 Start makes its directories as before. The files are the same as spawn would create
@@ -28,6 +30,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from rankd.agent.linux import rename_noreplace
+from rankd.agent.logdir import DIR_MODE, FILE_MODE, open_dir
 from rankd.agent.store import JOB_FILE  # written in place by the job's first record
 
 __all__ = ["DELAY", "PREFIX", "SpareDirs", "make_dir", "sweep"]
@@ -41,9 +44,7 @@ MAX_RANKS = 512  # larger attempts make their own directories (a spare holds 3n 
 DELAY = 0.005
 _FILES = ("stdout.log", "stderr.log")
 _ATTEMPT = "attempt_0"
-_JOB_FILE_MODE = 0o600
-_FILE_MODE = 0o644  # as spawn creates them
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SpareDirs:
@@ -159,18 +160,19 @@ class SpareDirs:
         self._go_on()
         spare = make_dir(self._log_dir, PREFIX)
         try:
-            attempt = os.path.join(spare, _ATTEMPT)
-            self._go_on()
-            os.mkdir(attempt)
-            self._go_on()
-            os.close(os.open(os.path.join(spare, JOB_FILE), _FILE_FLAGS, _JOB_FILE_MODE))
-            for rank in range(nprocs):
-                rank_dir = os.path.join(attempt, str(rank))
+            with open_dir(spare) as spare_fd:
                 self._go_on()
-                os.mkdir(rank_dir)
-                for name in _FILES:
-                    self._go_on()
-                    os.close(os.open(os.path.join(rank_dir, name), _FILE_FLAGS, _FILE_MODE))
+                os.mkdir(_ATTEMPT, DIR_MODE, dir_fd=spare_fd)
+                self._go_on()
+                os.close(os.open(JOB_FILE, _FILE_FLAGS, FILE_MODE, dir_fd=spare_fd))
+                with open_dir(_ATTEMPT, dir_fd=spare_fd) as attempt_fd:
+                    for rank in range(nprocs):
+                        self._go_on()
+                        os.mkdir(str(rank), DIR_MODE, dir_fd=attempt_fd)
+                        with open_dir(str(rank), dir_fd=attempt_fd) as rank_fd:
+                            for name in _FILES:
+                                self._go_on()
+                                os.close(os.open(name, _FILE_FLAGS, FILE_MODE, dir_fd=rank_fd))
         except BaseException:
             _remove(spare)
             raise
@@ -222,7 +224,7 @@ def make_dir(parent: str, prefix: str) -> str:
     while True:
         path = os.path.join(parent, prefix + secrets.token_hex(4))
         try:
-            os.mkdir(path, 0o700)
+            os.mkdir(path, DIR_MODE)
             return path
         except FileExistsError:
             continue

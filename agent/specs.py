@@ -21,11 +21,15 @@ from rankd.agent.errors import SpecError
 
 __all__ = [
     "DEFAULT_KILL_TIMEOUT",
+    "MAX_DUPLICATE_FILTERS",
+    "MAX_DUPLICATE_FILTER_BYTES",
     "MAX_LEASE",
     "MAX_REQUESTER",
+    "RESERVED_JOB_PREFIX",
     "JobSpec",
     "Limits",
     "Std",
+    "check_filters",
     "check_requester",
     "parse_signal",
     "parse_std",
@@ -39,6 +43,14 @@ DEFAULT_KILL_TIMEOUT = 30.0
 MAX_LEASE = 86400.0
 #: Longest requester a Kill may name, characters.
 MAX_REQUESTER = 256
+#: Most duplicate filters per stream (stdout, stderr) of a spec: torch's users give a few.
+MAX_DUPLICATE_FILTERS = 64
+#: Most bytes (UTF-8) of a stream's duplicate filters together; with the count, what keeps
+#: their matcher's compile near 1 ms on the agent's loop (agent.filters).
+MAX_DUPLICATE_FILTER_BYTES = 4096
+#: Job ids may not start with it: the agent's own names in the log dir do (spare run
+#: directories are `.spare-*`, and a run directory starts with its job id).
+RESERVED_JOB_PREFIX = "."
 _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ROLE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _VALUE_REGEX = r"^[0123]$"
@@ -105,10 +117,17 @@ def check_requester(requester: str) -> str:
 
 
 def validate_job_id(job_id: str) -> None:
-    if not _JOB_ID.fullmatch(job_id) or ".." in job_id or job_id == ".":
+    """Raises SpecError unless `job_id` can name a run directory: 1-128 letters, digits,
+    '.', '_', '-', without '..', not starting with '.' (the agent's own names)."""
+    if not _JOB_ID.fullmatch(job_id) or ".." in job_id:
         raise SpecError(
             f"invalid job id {job_id!r}: use 1-128 characters of letters, digits, '.', '_', '-', "
             "without '..'"
+        )
+    if job_id.startswith(RESERVED_JOB_PREFIX):
+        raise SpecError(
+            f"invalid job id {job_id!r}: ids starting with {RESERVED_JOB_PREFIX!r} are reserved "
+            "for the agent's own names in its log dir (such as its '.spare-*' directories)"
         )
 
 
@@ -194,12 +213,8 @@ class JobSpec:
                 raise SpecError(f"{what}: {err}") from None
         self._check_ranks("local_ranks_filter", self.local_ranks_filter)
         self._check_template()
-        for what, needles in (
-            ("duplicate_stdout_filters", self.duplicate_stdout_filters),
-            ("duplicate_stderr_filters", self.duplicate_stderr_filters),
-        ):
-            if any(n == "" or "\0" in n for n in needles):
-                raise SpecError(f"{what}: filters must be non-empty strings without NUL bytes")
+        check_filters("duplicate_stdout_filters", self.duplicate_stdout_filters)
+        check_filters("duplicate_stderr_filters", self.duplicate_stderr_filters)
         cwd = self.cwd
         if cwd:
             _no_nul("cwd", cwd)
@@ -310,6 +325,22 @@ class JobSpec:
 
     def same_job_as(self, other: JobSpec) -> bool:
         return _comparable(self) == _comparable(other)
+
+
+def check_filters(what: str, needles: Sequence[str]) -> None:
+    """Raises SpecError, naming `what` and the limit, unless `needles` (a spec's duplicate
+    filters for one stream) are few and short enough, non-empty and without NUL."""
+    if len(needles) > MAX_DUPLICATE_FILTERS:
+        raise SpecError(
+            f"{what}: {len(needles)} filters, over the limit of {MAX_DUPLICATE_FILTERS}"
+        )
+    if any(n == "" or "\0" in n for n in needles):
+        raise SpecError(f"{what}: filters must be non-empty strings without NUL bytes")
+    size = sum(len(n.encode()) for n in needles)
+    if size > MAX_DUPLICATE_FILTER_BYTES:
+        raise SpecError(
+            f"{what}: {size} bytes together, over the limit of {MAX_DUPLICATE_FILTER_BYTES}"
+        )
 
 
 def _no_nul(what: str, value: str) -> None:

@@ -1,25 +1,34 @@
 """Jobs on disk: each run directory holds `job.json`, written atomically (temp file +
 rename) when an attempt starts and when it ends, so an agent restarted on the same
 `--log-dir` still answers Poll and Stream for past jobs. This module alone knows the
-file's format: every to- and from-dict is here."""
+file's format: every to- and from-dict is here.
+
+A rank can write in its run directory, so a record read back is data, never trusted:
+it is opened without following links and must be a regular file (else it is skipped
+with a warning), its job id must own the run directory it lies in, and every path is
+derived again from the log directory, the run directory and the attempt number (the
+paths in the file are ignored)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
 import os
 import signal
+import stat
 import threading
 from dataclasses import fields
 from typing import Any
 
 from rankd.agent import resources
-from rankd.agent.failures import Failure, stderr_tail
+from rankd.agent.failures import NOT_AVAILABLE, Failure, stderr_tail
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
 from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
-from rankd.agent.specs import JobSpec
+from rankd.agent.rankfiles import JOB_DEPTH, NotRegularFile, kind, open_regular
+from rankd.agent.specs import JobSpec, validate_job_id
 
 __all__ = ["JOB_FILE", "LOST", "JobStore", "job_from_dict", "job_to_dict"]
 
@@ -27,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 FORMAT = 1
+#: A record larger than this is not read back (a valid one holds a few specs of at most
+#: a Start request each; a rank could write gigabytes there).
+MAX_RECORD_BYTES = 64 * 1024 * 1024
 #: How a restored attempt that was running when its agent died explains its end.
 LOST = "the agent stopped while this attempt ran"
 
@@ -111,7 +123,7 @@ class JobStore:
         for run_dir, data in _read_all(self._log_dir)[-max_jobs:]:
             try:
                 job = job_from_dict(data, run_dir)
-            except (KeyError, TypeError, ValueError) as err:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
                 logger.warning("skipping job record in %s: %s", run_dir, err)
                 continue
             if any(a.reason.startswith(LOST) for a in job.attempts):
@@ -178,10 +190,17 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 
 
 def job_from_dict(data: dict[str, Any], run_dir: str) -> Job:
-    """The job of a record (every attempt ended; see `JobStore.load`). Raises KeyError,
-    TypeError or ValueError for a malformed record."""
-    job = Job(data["job_id"], run_dir)
-    job.attempts.extend(_attempt_from_dict(item) for item in data["attempts"])
+    """The job of a record found in `run_dir` (every attempt ended; see `JobStore.load`).
+    Raises KeyError, TypeError or ValueError (SpecError) for a malformed record, or one
+    whose job id does not own `run_dir` (`<job_id>_<random>`)."""
+    job_id = data["job_id"]
+    if not isinstance(job_id, str):
+        raise TypeError("job_id is not a string")
+    validate_job_id(job_id)
+    if os.path.basename(run_dir).rpartition("_")[0] != job_id:
+        raise ValueError(f"job id {job_id!r} does not own the run directory {run_dir}")
+    job = Job(job_id, run_dir)
+    job.attempts.extend(_attempt_from_dict(item, job) for item in data["attempts"])
     return job
 
 
@@ -212,11 +231,17 @@ def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
+def _attempt_from_dict(data: dict[str, Any], job: Job) -> Attempt:
     spec = spec_from_dict(data["spec"])
-    logs = AttemptLogs(
-        data["attempt_dir"], spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)]
-    )
+    if spec.job_id != job.job_id or spec.restart_count < 0:
+        raise ValueError(f"attempt of job {spec.job_id!r} number {spec.restart_count}")
+    ranks = data["ranks"]
+    # (the length first: a record's nprocs may be absurd, its ranks are in the file)
+    if len(ranks) != spec.nprocs or any(r["local_rank"] != i for i, r in enumerate(ranks)):
+        raise ValueError(f"the ranks do not match nprocs={spec.nprocs}")
+    # derived, never the record's own "attempt_dir" (a rank may have written it)
+    attempt_dir = os.path.join(job.run_dir, f"attempt_{spec.restart_count}")
+    logs = AttemptLogs(attempt_dir, spec.nprocs, [spec.prefix(r) for r in range(spec.nprocs)])
     logs.ended = True
     attempt = Attempt(
         spec=spec,
@@ -240,6 +265,7 @@ def _attempt_from_dict(data: dict[str, Any]) -> Attempt:
 def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
     local_rank = int(item["local_rank"])
     failure = item.get("failure")
+    exit_code = item.get("exit_code")
     rank = Rank(
         local_rank=local_rank,
         pid=int(item["pid"]),
@@ -248,11 +274,17 @@ def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
         stderr_path=logs.path(local_rank, STDERR),
         error_file=logs.error_file(local_rank),
         end_time=float(item.get("end_time", 0.0)),
-        exit_code=item.get("exit_code"),
+        exit_code=None if exit_code is None else int(exit_code),
         state=RankState(item["state"]),
         terminated_by_agent=bool(item.get("terminated_by_agent")),
-        failure=Failure(**failure) if failure else None,
+        failure=(
+            _failure_from_dict(failure, local_rank, logs.error_file(local_rank))
+            if failure
+            else None
+        ),
     )
+    if not _is_int32(rank.pid) or not (rank.exit_code is None or _is_int32(rank.exit_code)):
+        raise ValueError(f"local rank {local_rank}: pid {rank.pid}, exit code {rank.exit_code}")
     if rank.exit_code is None:  # it was running when the agent died
         rank.state = RankState.TERMINATED
         rank.failure = Failure(
@@ -271,6 +303,41 @@ def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
     return rank
 
 
+# JSON's types for Failure's annotations (in JSON an int is also a float)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list[str]": (list,),
+}
+_FAILURE_TYPES = {f.name: _JSON_TYPES[str(f.type)] for f in fields(Failure)}
+
+
+def _failure_from_dict(data: dict[str, Any], local_rank: int, error_file: str) -> Failure:
+    """The recorded Failure of `local_rank`, each field of its type and in range (else
+    TypeError or ValueError: Poll would fail on it later), with the path of its error
+    file derived again (`error_file`)."""
+    for name, value in data.items():
+        if not isinstance(value, _FAILURE_TYPES[name]):  # (KeyError: an unknown field)
+            raise TypeError(f"failure field {name} is {type(value).__name__}")
+    failure = Failure(**data)
+    failure.timestamp = float(failure.timestamp)  # (OverflowError: a huge integer)
+    if failure.local_rank != local_rank or not all(
+        map(_is_int32, (failure.pid, failure.exit_code))
+    ):
+        raise ValueError(f"failure of local rank {failure.local_rank}, pid {failure.pid}")
+    if not all(isinstance(line, str) for line in failure.stderr_tail):
+        raise TypeError("failure field stderr_tail holds a non-string")
+    if failure.error_file != NOT_AVAILABLE:
+        failure.error_file = error_file
+    return failure
+
+
+def _is_int32(value: int) -> bool:
+    return -(2**31) <= value < 2**31
+
+
 # -- the file ------------------------------------------------------------------------------
 
 
@@ -283,7 +350,7 @@ def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> OSErro
     # else one temporary name per writing thread (the loop's, the io thread's)
     path = target if fresh else os.path.join(run_dir, f".job-{threading.get_native_id()}.json")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = _open_record(path, fresh=fresh)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)  # no fsync: the record must survive the agent, not the kernel
@@ -298,6 +365,30 @@ def _write(run_dir: str, data: dict[str, Any], *, fresh: bool = False) -> OSErro
     return None
 
 
+def _open_record(path: str, *, fresh: bool) -> int:
+    """A descriptor to write `path`, never through what a rank put there: the empty file
+    of a spare when `fresh` (a regular file, not a link: else NotRegularFile, and
+    a FIFO never blocks), else a file made anew (whatever stood at the temporary name is
+    removed first)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if not fresh:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return os.open(path, flags | os.O_EXCL, 0o600)
+    # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of blocking
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{path} is {kind(mode)}, not a regular file")
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _read_all(log_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """(run_dir, data) of every readable job file directly under `log_dir`, oldest first.
     Unreadable or foreign files are skipped with a warning."""
@@ -308,18 +399,33 @@ def _read_all(log_dir: str) -> list[tuple[str, dict[str, Any]]]:
         return []
     for entry in entries:
         path = os.path.join(entry.path, JOB_FILE)
-        if not entry.is_dir(follow_symlinks=False) or not os.path.isfile(path):
+        if not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            with open(open_regular(path, depth=JOB_DEPTH), "rb") as f:
+                raw = f.read(MAX_RECORD_BYTES + 1)
+            if len(raw) > MAX_RECORD_BYTES:
+                raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
             if not raw:  # a spare's placeholder (agent.spares), not written yet
                 raise ValueError("empty: the agent stopped while the job was starting")
             data = json.loads(raw)
             if data.get("format") != FORMAT or not data.get("attempts"):
                 raise ValueError("unknown format")
             started = float(data["attempts"][0].get("start_time", 0.0))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except FileNotFoundError:  # a run directory without a record: not a job's
+            continue
+        except NotRegularFile as err:
+            logger.warning("skipping a job record: %s", err)
+            continue
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            OverflowError,  # a huge integer as a time
+            RecursionError,  # absurdly deep nesting
+        ) as err:
             logger.warning("skipping unreadable job record %s: %s", path, err)
             continue
         found.append((started, entry.path, data))

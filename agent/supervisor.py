@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
-from rankd.agent import procs, resources, spares
+from rankd.agent import logdir, procs, resources, spares
 from rankd.agent.admission import Admission
 from rankd.agent.endings import Endings
 from rankd.agent.errors import (
@@ -56,7 +56,9 @@ _COUNTED = {state: state.value.lower() for state in RankState}  # exit_counts' k
 class Supervisor:
     """Holds every job of the node. Call from one asyncio loop.
 
-    `base_env`: the environment ranks inherit (the agent's, minus its secrets);
+    `log_dir`: made 0700 if missing, refused if another user could change it (LogDirError,
+    see `logdir.check_log_dir`). `base_env`: the environment ranks inherit (the agent's,
+    minus its secrets; never `launch.AGENT_ONLY_ENV`);
     `console_out`/`console_err` receive the tee'd lines; `subreaper=True` (the agent
     process, not a library user with other children) adopts and reaps orphans, so that
     nothing a rank started escapes; `guardian=True` starts (and restarts) the process that
@@ -77,17 +79,20 @@ class Supervisor:
         max_jobs: int = 1000,
         max_running_ranks: int = 4096,
         allowed_entrypoints: Iterable[str] | None = None,
+        allowed_env: Iterable[str] = (),
         log_follow: str = "auto",
         min_free_space: int = 0,
     ) -> None:
         if log_follow not in FOLLOW_MODES:
             raise SpecError(f"log follow mode must be one of {FOLLOW_MODES}, not {log_follow!r}")
-        self.log_dir = _make_log_dir(log_dir)
+        self.log_dir = logdir.check_log_dir(log_dir)  # for the CLI and library users alike
+        logdir.tighten_run_dirs(self.log_dir)
         self._admission = Admission(
             self.log_dir,
             limits=limits,
             max_running_ranks=max_running_ranks,
             allowed_entrypoints=allowed_entrypoints,
+            allowed_env=allowed_env,
             min_free_space=min_free_space,
         )
         self.limits = self._admission.limits
@@ -108,6 +113,7 @@ class Supervisor:
         self._store = JobStore(self.log_dir)
         self._launcher = Launcher(self.log_dir, self._spares)
         self._terminator = Terminator(subreaper=subreaper, on_exits=self._on_exits)
+        self.children = self._terminator  # to protect the agent's other children (samplers)
         self._endings = Endings(self._jobs, self._store, self._watcher, self._terminator)
         self.usage = procs.UsageSampler()
         self.exit_counts: collections.Counter[str] = collections.Counter()
@@ -385,13 +391,6 @@ def _log_started(attempt: Attempt) -> None:
         attempt.logs.attempt_dir,
         extra=attempt.log_extra(),
     )
-
-
-def _make_log_dir(log_dir: str) -> str:
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise SpecError(f"log dir {log_dir!r} exists and is not a directory")
-    os.makedirs(log_dir, exist_ok=True)
-    return os.path.abspath(log_dir)
 
 
 def _bind_parts(

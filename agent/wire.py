@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 
-from rankd.agent.logs import Chunk
+from rankd.agent.logs import Chunk, Notice
 from rankd.v1 import agent_pb2 as pb
 from rankd.v1 import agent_pb2_grpc as pb_grpc
 
-__all__ = ["packed_response", "register"]
+__all__ = ["notice_response", "packed_response", "register"]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["NodeAgent"].full_name
 
@@ -71,6 +71,28 @@ def packed_response(chunks: Sequence[Chunk], prefixes: Sequence[str], restart_co
         size = len(head) + len(chunk.data) + len(tail)
         parts += (_RESPONSE_BLOCK, _varint(size), head, chunk.data, tail)
     return b"".join(parts)
+
+
+def notice_response(
+    notices: Sequence[Notice], prefixes: Sequence[str], restart_count: int
+) -> pb.StreamResponse:
+    """The agent's notices about files it does not read, as LogLines marked `notice`
+    (also in a packed stream: a client prints them as lines and keeps their cursor)."""
+    return pb.StreamResponse(
+        restart_count=restart_count,
+        lines=[
+            pb.LogLine(
+                local_rank=n.local_rank,
+                stream=n.stream,  # type: ignore[arg-type]
+                offset=n.offset,
+                text=n.text,
+                prefix=prefixes[n.local_rank],
+                partial=True,
+                notice=True,
+            )
+            for n in notices
+        ],
+    )
 
 
 def _serialize_stream(message: pb.StreamResponse | bytes) -> bytes:

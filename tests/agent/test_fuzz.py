@@ -1,10 +1,13 @@
 """Thousands of random and hostile requests at a live agent: every answer is a proper
-status code, the agent stays up, and no file appears outside its log dir."""
+status code, the agent stays up, and no file appears outside its log dir. Filters at and
+around their limits are refused exactly when over one, naming it; the filters' matching
+agrees with Python's on what both engines accept."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from helpers.agents import Agent, start_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rankd.agent.filters import MAX_CONTAINS_BYTES, MAX_REGEX_BYTES, any_of, stream_filter
+from rankd.agent.specs import MAX_DUPLICATE_FILTER_BYTES, MAX_DUPLICATE_FILTERS
 from rankd.v1 import agent_pb2 as pb
 
 ALLOWED = {
@@ -60,6 +65,34 @@ floats = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 0.01, math.nan])
 )
 job_ids = st.one_of(hostile, text, st.sampled_from(["fz-1", "fz-2", "fz-3"]))
+# Regexes Python's `re` would backtrack on for minutes, RE2 syntax errors, and patterns
+# at or over the agent's limits (bytes, repetitions, Unicode classes, program size).
+hostile_regexes = st.sampled_from(
+    [
+        "(a+)+$",
+        "(x+x+)+y",
+        "(?!)",
+        "(?=a)",
+        "(?<=a)b",
+        r"(a)\1",
+        r"\Z",
+        r"\pL" * 9,
+        r"(\pL|\pN){100}x",
+        ".{0,999}",
+        "a{600}b{600}",
+        "((a{10}){10}){10}",
+        "a" * MAX_REGEX_BYTES,
+        "a" * (MAX_REGEX_BYTES + 1),
+        "é" * (MAX_REGEX_BYTES // 2 + 1),
+    ]
+)
+# Lists of duplicate filters around the count and byte limits.
+filter_lists = st.one_of(
+    st.lists(some_text, max_size=3),
+    st.integers(MAX_DUPLICATE_FILTERS - 2, MAX_DUPLICATE_FILTERS + 2).map(lambda n: ["f"] * n),
+    st.integers(-2, 2).map(lambda d: ["x" * 1024] * 3 + ["y" * (1024 + d)]),
+    st.just(["a" * (MAX_DUPLICATE_FILTER_BYTES - 1), "é"]),
+)
 entrypoints = st.one_of(
     st.sampled_from(["/bin/true", "true", "../../bin/true", "/bin/sh", "/", "/tmp", "bin/true"]),
     some_text,
@@ -83,7 +116,8 @@ def specs(draw: st.DrawFn) -> pb.JobSpec:
         log_line_prefix_template=draw(
             st.one_of(st.sampled_from(["${rank}", "${nope}", "$$", "${", "../${rank}"]), some_text)
         ),
-        duplicate_stdout_filters=draw(st.lists(some_text, max_size=2)),
+        duplicate_stdout_filters=draw(filter_lists),
+        duplicate_stderr_filters=draw(filter_lists),
         rank_offset=draw(numbers),
     )
     if draw(st.booleans()):
@@ -115,8 +149,12 @@ def streams(draw: st.DrawFn) -> pb.StreamRequest:
         job_id=draw(job_ids),
         ranks=draw(st.lists(numbers, max_size=3)),
         streams=draw(st.lists(st.sampled_from([0, 1, 2, 3, -1, 99]), max_size=3)),
-        contains=draw(some_text),
-        regex=draw(st.one_of(st.sampled_from(["(", "[", "a{99999}", ".*", "(?P<x>"]), some_text)),
+        contains=draw(st.one_of(some_text, st.just("c" * (MAX_CONTAINS_BYTES + 1)))),
+        regex=draw(
+            st.one_of(
+                st.sampled_from(["(", "[", "a{99999}", ".*", "(?P<x>"]), hostile_regexes, some_text
+            )
+        ),
         follow=False,
     )
     for _ in range(draw(st.integers(0, 2))):
@@ -155,6 +193,8 @@ def near_valid_specs(draw: st.DrawFn) -> pb.JobSpec:
                 "local_ranks_filter",
                 "rank_offset",
                 "role_name",
+                "duplicate_stdout_filters",
+                "duplicate_stderr_filters",
             ]
         )
     )
@@ -249,3 +289,110 @@ def test_hostile_requests(fuzz_agent: Agent) -> None:
     for dirpath, dirnames, filenames in os.walk(log_dir):
         for name in dirnames + filenames:
             assert os.path.realpath(os.path.join(dirpath, name)).startswith(real_log_dir + os.sep)
+
+
+def _over_limits(needles: list[str]) -> bool:
+    return (
+        len(needles) > MAX_DUPLICATE_FILTERS
+        or sum(len(n.encode()) for n in needles) > MAX_DUPLICATE_FILTER_BYTES
+    )
+
+
+@pytest.mark.timeout(300)
+def test_filter_limits_are_exact(fuzz_agent: Agent) -> None:
+    """Duplicate filters and Stream filters just under, at and over each limit: refused
+    (INVALID_ARGUMENT naming the limit, nothing started) exactly when over one."""
+    stub = fuzz_agent.stub
+    started = iter(range(10**6))
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(
+        count=st.integers(1, MAX_DUPLICATE_FILTERS + 3),
+        size=st.integers(1, 2 * MAX_DUPLICATE_FILTER_BYTES // MAX_DUPLICATE_FILTERS),
+        wide=st.booleans(),
+        stream=st.sampled_from(["duplicate_stdout_filters", "duplicate_stderr_filters"]),
+    )
+    def one(count: int, size: int, wide: bool, stream: str) -> None:
+        needles = [("é" if wide else "e") * size] * count
+        job_id = f"fl-{next(started)}"
+        spec = pb.JobSpec(job_id=job_id, nprocs=1, entrypoint="/bin/true")
+        getattr(spec, stream).extend(needles)
+        try:
+            stub.Start(pb.StartRequest(spec=spec), timeout=20)
+        except grpc.RpcError as err:
+            assert _over_limits(needles), err.details()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert stream in err.details() and "over the limit of" in err.details()
+            ids = {j.job_id for j in stub.List(pb.ListRequest(), timeout=10).jobs}
+            assert job_id not in ids
+            return
+        assert not _over_limits(needles)
+
+    one()
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(
+        regex_bytes=st.integers(MAX_REGEX_BYTES - 2, MAX_REGEX_BYTES + 2),
+        contains_bytes=st.integers(MAX_CONTAINS_BYTES - 2, MAX_CONTAINS_BYTES + 2),
+        which=st.sampled_from(["regex", "contains"]),
+    )
+    def stream(regex_bytes: int, contains_bytes: int, which: str) -> None:
+        request = pb.StreamRequest(job_id="fl-0")
+        size, limit = (
+            (regex_bytes, MAX_REGEX_BYTES)
+            if which == "regex"
+            else (contains_bytes, MAX_CONTAINS_BYTES)
+        )
+        setattr(request, which, "z" * size)
+        try:
+            list(stub.Stream(request, timeout=20))
+        except grpc.RpcError as err:
+            assert size > limit, err.details()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert which in err.details() and str(limit) in err.details()
+            return
+        assert size <= limit
+
+    stream()
+
+
+# A small regex grammar on which Python's `re` and RE2 agree (no newline in the lines).
+_atoms = st.sampled_from(["a", "b", "é", ".", "[ab]", "[^a]", "\\.", "!"])
+_pieces = st.tuples(_atoms, st.sampled_from(["", "*", "+", "?", "{1,2}"])).map("".join)
+_regexes = st.builds(
+    lambda anchor_start, body, alternative, anchor_end: (
+        anchor_start
+        + "".join(body)
+        + ("|" + "".join(alternative) if alternative else "")
+        + anchor_end
+    ),
+    st.sampled_from(["", "^"]),
+    st.lists(_pieces, min_size=1, max_size=4),
+    st.lists(_pieces, max_size=2),
+    st.sampled_from(["", "$"]),
+)
+_lines = st.lists(st.text(alphabet="abé!.", max_size=12), max_size=30)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    texts=_lines,
+    needles=st.lists(st.text(alphabet="abé!\n", min_size=1, max_size=4), min_size=1, max_size=4),
+    contains=st.text(alphabet="abé!", max_size=3),
+    regex=st.one_of(st.just(""), _regexes),
+)
+def test_filters_agree_with_python(
+    texts: list[str], needles: list[str], contains: str, regex: str
+) -> None:
+    """The block search of literal filters and RE2's regexes keep the lines that `in`
+    and Python's `re.search` keep, in order."""
+    assert any_of(needles).keep(texts) == [
+        i for i, t in enumerate(texts) if any(n in t for n in needles)
+    ]
+    line_filter = stream_filter(contains, regex)
+    expected = [
+        i
+        for i, t in enumerate(texts)
+        if contains in t and (not regex or re.search(regex, t) is not None)
+    ]
+    assert (line_filter.keep(texts) if line_filter else list(range(len(texts)))) == expected

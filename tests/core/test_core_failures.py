@@ -337,9 +337,11 @@ def test_read_failure_timestamps(tmp_path: Path) -> None:
 
 
 def test_read_failure_without_error_file(tmp_path: Path) -> None:
-    (tmp_path / "error.json").mkdir()  # not a file: ignored, not a problem
+    (tmp_path / "error.json").mkdir()  # not a regular file: said, never read
     failure = _read(tmp_path / "error.json", exit_code=-signal.SIGABRT)
-    assert failure.error_file_problem == ""
+    assert failure.error_file_problem.endswith(
+        "error.json is a directory, not a regular file: not read"
+    )
     assert failure.signal_name == "SIGABRT"
     assert failure.message == "Signal 6 (SIGABRT) received by PID 42"
     odd = _read(tmp_path / "none.json", exit_code=-200)

@@ -176,7 +176,7 @@ class Failure(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., message: _Optional[str] = ..., error_file: _Optional[str] = ..., error_file_data: _Optional[str] = ..., traceback: _Optional[str] = ..., timestamp: _Optional[float] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., terminated_by_agent: _Optional[bool] = ..., error_file_problem: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("local_rank", "pid", "state", "exit_code", "signal_name", "start_time", "end_time", "stdout_path", "stderr_path", "error_file", "rss_bytes", "cpu_seconds", "cpu_percent", "last_output_time", "stdout_bytes", "stderr_bytes", "failure")
+    __slots__ = ("local_rank", "pid", "state", "exit_code", "signal_name", "start_time", "end_time", "stdout_path", "stderr_path", "error_file", "rss_bytes", "cpu_seconds", "cpu_percent", "last_output_time", "stdout_bytes", "stderr_bytes", "failure", "file_problems")
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class RankStatus(_message.Message):
     STDOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     STDERR_BYTES_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    FILE_PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     local_rank: int
     pid: int
     state: RankState
@@ -211,7 +212,8 @@ class RankStatus(_message.Message):
     stdout_bytes: int
     stderr_bytes: int
     failure: Failure
-    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., stdout_path: _Optional[str] = ..., stderr_path: _Optional[str] = ..., error_file: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., last_output_time: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+    file_problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., stdout_path: _Optional[str] = ..., stderr_path: _Optional[str] = ..., error_file: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., last_output_time: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., file_problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("job_id", "state", "restart_count", "nprocs", "run_dir", "attempt_dir", "ranks", "failures", "start_time", "end_time", "reason", "spec")
@@ -290,20 +292,22 @@ class StreamRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class LogLine(_message.Message):
-    __slots__ = ("local_rank", "stream", "offset", "text", "prefix", "partial")
+    __slots__ = ("local_rank", "stream", "offset", "text", "prefix", "partial", "notice")
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     local_rank: int
     stream: StreamKind
     offset: int
     text: str
     prefix: str
     partial: bool
-    def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ..., text: _Optional[str] = ..., prefix: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
+    notice: bool
+    def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ..., text: _Optional[str] = ..., prefix: _Optional[str] = ..., partial: _Optional[bool] = ..., notice: _Optional[bool] = ...) -> None: ...
 
 class LogBlock(_message.Message):
     __slots__ = ("local_rank", "stream", "offset", "data", "count", "prefix", "partial")
@@ -442,3 +446,71 @@ class InfoResponse(_message.Message):
     guardian_pid: int
     guardian_restarts: int
     def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ..., log_follow: _Optional[str] = ..., polled_attempts: _Optional[int] = ..., log_dir_free_bytes: _Optional[int] = ..., min_free_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., fd_soft_limit: _Optional[int] = ..., fd_hard_limit: _Optional[int] = ..., guardian_pid: _Optional[int] = ..., guardian_restarts: _Optional[int] = ...) -> None: ...
+
+class StacksRequest(_message.Message):
+    __slots__ = ("job_id", "local_ranks", "native", "timeout")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    local_ranks: _containers.RepeatedScalarFieldContainer[int]
+    native: bool
+    timeout: float
+    def __init__(self, job_id: _Optional[str] = ..., local_ranks: _Optional[_Iterable[int]] = ..., native: _Optional[bool] = ..., timeout: _Optional[float] = ...) -> None: ...
+
+class StackFrame(_message.Message):
+    __slots__ = ("function", "filename", "line")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    filename: str
+    line: int
+    def __init__(self, function: _Optional[str] = ..., filename: _Optional[str] = ..., line: _Optional[int] = ...) -> None: ...
+
+class ThreadStack(_message.Message):
+    __slots__ = ("name", "thread_id", "active", "owns_gil", "frames")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    OWNS_GIL_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    thread_id: int
+    active: bool
+    owns_gil: bool
+    frames: _containers.RepeatedCompositeFieldContainer[StackFrame]
+    def __init__(self, name: _Optional[str] = ..., thread_id: _Optional[int] = ..., active: _Optional[bool] = ..., owns_gil: _Optional[bool] = ..., frames: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ...) -> None: ...
+
+class RankStacks(_message.Message):
+    __slots__ = ("local_rank", "global_rank", "pid", "threads", "error", "silent_for", "last_line", "cpu_percent")
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SILENT_FOR_FIELD_NUMBER: _ClassVar[int]
+    LAST_LINE_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    local_rank: int
+    global_rank: int
+    pid: int
+    threads: _containers.RepeatedCompositeFieldContainer[ThreadStack]
+    error: str
+    silent_for: float
+    last_line: str
+    cpu_percent: float
+    def __init__(self, local_rank: _Optional[int] = ..., global_rank: _Optional[int] = ..., pid: _Optional[int] = ..., threads: _Optional[_Iterable[_Union[ThreadStack, _Mapping]]] = ..., error: _Optional[str] = ..., silent_for: _Optional[float] = ..., last_line: _Optional[str] = ..., cpu_percent: _Optional[float] = ...) -> None: ...
+
+class StacksResponse(_message.Message):
+    __slots__ = ("job_id", "restart_count", "ranks", "hostname")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    restart_count: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStacks]
+    hostname: str
+    def __init__(self, job_id: _Optional[str] = ..., restart_count: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStacks, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...

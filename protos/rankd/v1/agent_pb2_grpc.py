@@ -78,6 +78,11 @@ class NodeAgentStub:
                 request_serializer=rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
                 response_deserializer=rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Stacks = channel.unary_unary(
+                '/rankd.v1.NodeAgent/Stacks',
+                request_serializer=rankd_dot_v1_dot_agent__pb2.StacksRequest.SerializeToString,
+                response_deserializer=rankd_dot_v1_dot_agent__pb2.StacksResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -153,6 +158,17 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stacks(self, request, context):
+        """The Python stacks of every thread of a job's running ranks, taken by the
+        agent's stack sampler (py-spy) for all requested ranks in parallel, each
+        within a deadline. A rank that cannot be sampled answers with an error
+        naming why and the fix; the call itself fails only for an unknown job
+        (NOT_FOUND) or a bad request (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +211,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=rankd_dot_v1_dot_agent__pb2.InfoRequest.FromString,
                     response_serializer=rankd_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
+            ),
+            'Stacks': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stacks,
+                    request_deserializer=rankd_dot_v1_dot_agent__pb2.StacksRequest.FromString,
+                    response_serializer=rankd_dot_v1_dot_agent__pb2.StacksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -417,6 +438,33 @@ class NodeAgent:
             '/rankd.v1.NodeAgent/Info',
             rankd_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
             rankd_dot_v1_dot_agent__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stacks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankd.v1.NodeAgent/Stacks',
+            rankd_dot_v1_dot_agent__pb2.StacksRequest.SerializeToString,
+            rankd_dot_v1_dot_agent__pb2.StacksResponse.FromString,
             options,
             channel_credentials,
             insecure,
