@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         JobNotFound,
         NodeListError,
         NodeLostError,
+        PlaintextTokenRefused,
         RankdError,
     )
     from rankd.client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
@@ -76,6 +77,7 @@ _WHERE = {
     "NodeLostError": "rankd.client.errors",
     "NodeResult": "rankd.client.results",
     "OutputLine": "rankd.client.torchrun",
+    "PlaintextTokenRefused": "rankd.client.errors",
     "Progress": "rankd.client.torchrun",
     "RankFailure": "rankd.client.report",
     "RankdError": "rankd.client.errors",
@@ -119,6 +121,7 @@ __all__ = [
     "NodeLostError",
     "NodeResult",
     "OutputLine",
+    "PlaintextTokenRefused",
     "Progress",
     "RankFailure",
     "RankdError",

@@ -75,12 +75,16 @@ class _AgentBase:
         credentials: grpc.ChannelCredentials | None = None,
         stream_retries: int = DEFAULT_STREAM_RETRIES,
         node_timeout: float | None = None,
+        insecure: bool = False,
     ) -> None:
         self.address = str(address)
         self.timeout = timeout
         self.stream_retries = stream_retries
         self.clock = ClockEstimator()
-        self._endpoint = Endpoint.of(self.address, token=token, tls=credentials is not None)
+        # Before any channel exists: a refused token never reaches the network.
+        self._endpoint = Endpoint.of(
+            self.address, token=token, tls=credentials is not None, insecure=insecure
+        )
         self._options = list(CHANNEL_OPTIONS)
         if node_timeout is not None:
             self._options += keepalive_options(check_node_timeout(node_timeout))
@@ -121,7 +125,11 @@ class AgentClient(_AgentBase):
     ``timeout`` is the deadline of every unary RPC (Kill: plus its kill timeout).
     ``token`` is sent as ``authorization: Bearer <token>`` (agents started with
     ``--token-file``); ``credentials`` (``grpc.ssl_channel_credentials(...)``)
-    switch the channel to TLS, with a client certificate for mutual TLS.
+    switch the channel to TLS, with a client certificate for mutual TLS. Without
+    ``credentials``, a token goes only to a loopback address (127.0.0.0/8, ``::1``,
+    ``localhost``) or a unix socket: any other address raises
+    ``PlaintextTokenRefused`` here, before connecting, unless ``insecure=True``
+    (a trusted network; a warning is logged once per address).
     ``stream_retries``: reconnects a log stream makes after UNAVAILABLE.
     ``node_timeout`` (seconds, None = off): the channel pings the agent and closes a
     connection that gets no answer within about that long (gRPC keepalive).

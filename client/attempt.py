@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import rankd.client.rpc as rpc
 from rankd.client.agent_client import AsyncAgentClient
 from rankd.client.errors import AgentError, RankdError
+from rankd.client.hang import Hang, HangWatch
 from rankd.client.nodes import Node
 from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
 from rankd.client.results import NodeResult
@@ -93,6 +95,11 @@ class Attempt:
         self.first_failure: str | None = None
         self.killed_by = ""  # a node's reason, when a Kill this launch did not send ended it
         self.began = time.monotonic()
+        hang_timeout = launch.config.hang_timeout
+        self.hang_watch = (
+            HangWatch(self.cluster, launch.run_id, hang_timeout) if hang_timeout > 0 else None
+        )
+        self.hang: Hang | None = None
 
     def fail(self, why: str) -> None:
         if not self.failed.is_set():
@@ -120,8 +127,11 @@ class Attempt:
         client = self.cluster.clients[i]
         try:
             options = self.launch.stream_options(self.restart_count)
+            watch = self.hang_watch
             async with client.stream(self.launch.run_id, **options) as lines:
                 async for line in lines:
+                    if watch is not None:
+                        watch.saw_output()
                     self.launch.emit(i, line, self.restart_count)
                 self.finals[i] = lines.final
         except AgentError as err:
@@ -212,6 +222,14 @@ class Attempt:
             await asyncio.gather(*(one(i) for i in live))
             await asyncio.sleep(every)
 
+    async def watch_hang(self, watch: HangWatch) -> None:
+        """Declare the job hung when no rank wrote for the hang timeout (the stacks are
+        taken before the job is stopped)."""
+        hang = await watch.run(skip=self.lost.keys())
+        if not self.failed.is_set():
+            self.hang = hang
+            self.fail(hang.title())
+
     async def stop_on_failure(self) -> None:
         await self.failed.wait()
         ended = [i for i, s in enumerate(self.finals) if s is not None]
@@ -231,6 +249,8 @@ class Attempt:
             asyncio.create_task(self.monitor(followers)),
             asyncio.create_task(self.renew()),
         ]
+        if self.hang_watch is not None:
+            helpers.append(asyncio.create_task(self.watch_hang(self.hang_watch)))
         stopper = asyncio.create_task(self.stop_on_failure())
         try:
             outcomes = await asyncio.gather(*followers, return_exceptions=True)
@@ -282,7 +302,7 @@ class Attempt:
             )
             for i, node in enumerate(self.cluster.nodes)
         ]
-        return build_report(
+        report = build_report(
             self.launch.run_id,
             list(zip(views, self.finals, strict=True)),
             world_size=self.launch.world_size,
@@ -290,4 +310,16 @@ class Attempt:
             reason=self.first_failure or "",
             lost=list(self.lost.values()),
             killed_by=self.killed_by,
+        )
+        root = report.root_cause
+        own = root is not None and not root.terminated
+        if self.hang is None or own or report.root_node is not None:
+            return report  # a rank or node that failed before the hang was declared wins
+        return replace(
+            report,
+            state="HUNG",
+            root_cause=None,
+            close_call=None,
+            hang_title=self.hang.title(),
+            hang_lines=tuple(self.hang.lines()),
         )

@@ -7,6 +7,7 @@ The entry point is :func:`rankd.client.cli.main`; the parser is
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -35,8 +36,16 @@ from rankd.client.cli_jobs import (
     node_timeout,
 )
 from rankd.client.cli_parser import build_parser
+from rankd.client.cli_stacks import cmd_stacks
 from rankd.client.cluster import Cluster
-from rankd.client.errors import AuthenticationFailed, JobFailed, JobKilled, RankdError, refusal
+from rankd.client.errors import (
+    AuthenticationFailed,
+    JobFailed,
+    JobKilled,
+    PlaintextTokenRefused,
+    RankdError,
+    refusal,
+)
 from rankd.client.torchrun import OutputLine, Progress
 
 __all__ = [
@@ -51,6 +60,34 @@ __all__ = [
 ]
 
 
+# Flags whose default is an environment variable: set once, like the token.
+_ENV_DEFAULTS = (
+    ("token_file", "RANKD_TOKEN_FILE"),
+    ("tls_ca", "RANKD_TLS_CA"),
+    ("tls_cert", "RANKD_TLS_CERT"),
+    ("tls_key", "RANKD_TLS_KEY"),
+)
+
+_PLAINTEXT_REMEDY = (
+    "give the agents' CA (--tls-ca or RANKD_TLS_CA), or pass --insecure if the network is trusted"
+)
+
+
+@contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """The client's security warnings (a token sent in plaintext under --insecure) as
+    ``rankd: warning:`` lines on stderr while a command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("rankd: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    rpc_logger = logging.getLogger("rankd.client.rpc")
+    rpc_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        rpc_logger.removeHandler(handler)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: kill the job everywhere, then exit."""
 
@@ -63,14 +100,19 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = N
         return int(done.code or 0)
     func = _COMMANDS[args.command]
     env = os.environ if environ is None else environ
-    if args.token_file is None:
-        args.token_file = env.get("RANKD_TOKEN_FILE") or None
+    for dest, variable in _ENV_DEFAULTS:
+        if getattr(args, dest) is None:
+            setattr(args, dest, env.get(variable) or None)
     try:
-        return func(args, env)
+        with _warnings_on_stderr():
+            return func(args, env)
     except _Terminated:
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except PlaintextTokenRefused as err:
+        error(str(PlaintextTokenRefused(err.addresses, remedy=_PLAINTEXT_REMEDY)))
+        return EXIT_AUTH
     except AuthenticationFailed as err:
         error(str(err))
         return EXIT_AUTH
@@ -180,6 +222,7 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 kill_timeout=args.kill_timeout,
                 lease=args.lease,
                 detach=args.detach,
+                hang_timeout=args.hang_timeout,
                 on_line=terminal.line,
                 on_event=terminal.event,
                 on_progress=terminal.progress if terminal.live else None,
@@ -220,5 +263,6 @@ _COMMANDS: dict[str, _Command] = {
     "launch": _cmd_launch,
     "status": cmd_status,
     "logs": cmd_logs,
+    "stacks": cmd_stacks,
     "kill": cmd_kill,
 }

@@ -82,7 +82,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def connection(args: argparse.Namespace) -> dict[str, Any]:
-    """Cluster keyword arguments from --timeout, --token-file and --tls-*."""
+    """Cluster keyword arguments from --timeout, --token-file, --tls-* and --insecure."""
     token = None
     if args.token_file:
         token = _read(args.token_file, "token file").decode(errors="replace").strip()
@@ -97,7 +97,12 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
             private_key=_read(args.tls_key, "key file") if args.tls_key else None,
             certificate_chain=_read(args.tls_cert, "certificate file") if args.tls_cert else None,
         )
-    return {"timeout": args.timeout, "token": token, "credentials": credentials}
+    return {
+        "timeout": args.timeout,
+        "token": token,
+        "credentials": credentials,
+        "insecure": args.insecure,
+    }
 
 
 def node_timeout(args: argparse.Namespace) -> float:

@@ -43,7 +43,8 @@ default to --port ({DEFAULT_PORT}, rankd-agent's default).
 _EXIT_CODES = """\
 exit codes: 0 success (or, with --detach, started); 1 the job failed (report on
 stderr); 2 usage error, unreachable node or bad request; 3 an agent refused this
-client (token, TLS settings or its policy); 4 the job was killed by another
+client (token, TLS settings or its policy), or rankd refused to send the token
+without TLS to a node off loopback (see --insecure); 4 the job was killed by another
 client, its lease or an agent's shutdown (KILLED report on stderr); 5 a node was
 lost (silent for --node-timeout or refusing connections) and is the root cause;
 130 after Ctrl-C, 143 after SIGTERM (the job is stopped on every node first).
@@ -101,9 +102,28 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
         help="file holding the bearer token of agents started with --token-file "
         "(default: $RANKD_TOKEN_FILE)",
     )
-    group.add_argument("--tls-ca", metavar="PEM", help="CA certificates to verify agents (TLS)")
-    group.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    group.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
+    group.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificates to verify agents: TLS (default: $RANKD_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="client certificate, for mutual TLS (default: $RANKD_TLS_CERT)",
+    )
+    group.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        help="client private key, for mutual TLS (default: $RANKD_TLS_KEY)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the token without TLS also to agents that are not on loopback "
+        "(a trusted network only; prints a warning). Without it, a token without "
+        "--tls-ca goes only to 127.0.0.0/8, ::1 or localhost",
+    )
     group.add_argument(
         "--timeout",
         type=float,
@@ -125,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (_add_launch, _add_status, _add_logs, _add_kill):
+    for add_command in (_add_launch, _add_status, _add_logs, _add_stacks, _add_kill):
         add_command(sub)
     return parser
 
@@ -262,6 +282,16 @@ def _add_liveness_args(group: argparse._ArgumentGroup) -> None:
         help="start the job without a lease, print its run id and exit 0; follow it "
         "with `rankd logs -f RUN_ID`",
     )
+    group.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when no rank wrote a line for this long (CPU use does not count), the job "
+        "is hung: every rank's Python stack is taken (py-spy beside the agents) and "
+        "printed folded in a HUNG report, and the job is stopped; counts as a failure "
+        "for --max-restarts; 0 = off (default: %(default)s)",
+    )
 
 
 def _add_output_args(out: argparse._ArgumentGroup) -> None:
@@ -332,6 +362,40 @@ def _add_logs(sub: _Commands) -> None:
         "--attempt", type=int, metavar="N", help="attempt (restart count) to read; default latest"
     )
     _add_node_args(logs)
+
+
+def _add_stacks(sub: _Commands) -> None:
+    stacks = _command(
+        sub,
+        "stacks",
+        "Python stacks of a job's ranks on every node, folded (find the rank that hangs)",
+        "Take the Python stack of every thread of every live rank on every node at "
+        "once (py-spy beside each agent: pip install 'rankd[stacks]'), fold identical "
+        "stacks across ranks and print each group once, smallest group first: the rank "
+        "that holds the others up comes first. Frames are innermost last. Ranks that "
+        "could not be sampled are listed with the reason.",
+        _examples(
+            "rankd stacks my-run",
+            "rankd stacks my-run --ranks 0,4-7 --native",
+            "rankd stacks my-run --json > stacks.json",
+        ),
+    )
+    stacks.add_argument("run_id", metavar="RUN_ID")
+    stacks.add_argument(
+        "--ranks", type=_rank_list, metavar="RANKS", help="global ranks, e.g. 0,4-7; default all"
+    )
+    stacks.add_argument(
+        "--native", action="store_true", help="include C/C++ frames (py-spy --native; slower)"
+    )
+    stacks.add_argument("--json", action="store_true", help="print the folded groups as JSON")
+    stacks.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds each agent may take to sample its ranks (default: %(default)s)",
+    )
+    _add_node_args(stacks)
 
 
 def _add_kill(sub: _Commands) -> None:

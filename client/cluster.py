@@ -29,7 +29,7 @@ import asyncio
 import builtins
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar, Unpack
 
 import grpc
@@ -44,6 +44,8 @@ from rankd.client.loop_thread import LoopThread
 from rankd.client.nodes import Node, parse_nodes
 from rankd.client.report import NodeLost
 from rankd.client.results import NodeResult
+from rankd.client.stackfold import FoldedStacks
+from rankd.client.stacks import gather_stacks
 from rankd.client.torchrun import LaunchOptions, LaunchResult, launch_settings
 from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
@@ -77,7 +79,10 @@ class AsyncCluster:
     """Concurrent calls to many agents (asyncio). Create it inside its event loop.
 
     ``timeout``: deadline of each unary RPC; ``node_timeout``: seconds of silence after
-    which ``wait`` and ``launch`` give up on a node (see the module doc)."""
+    which ``wait`` and ``launch`` give up on a node (see the module doc). ``token``,
+    ``credentials`` and ``insecure`` as for :class:`AgentClient`: a token without
+    ``credentials`` to any node that is not loopback raises ``PlaintextTokenRefused``
+    naming those nodes, before any connection, unless ``insecure`` (one warning)."""
 
     def __init__(
         self,
@@ -87,12 +92,20 @@ class AsyncCluster:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         node_timeout: float = DEFAULT_NODE_TIMEOUT,
+        insecure: bool = False,
     ) -> None:
         self.nodes = [_as_node(n) for n in nodes]
         if not self.nodes:
             raise ValueError("a cluster needs at least one node")
         if len(set(self.nodes)) != len(self.nodes):
             raise ValueError("a node appears twice in the cluster")
+        # All nodes at once: one refusal or warning naming them, not one per client.
+        rpc.check_token_transport(
+            [n.address for n in self.nodes],
+            token=bool(token),
+            tls=credentials is not None,
+            insecure=insecure,
+        )
         self.names = display_names(self.nodes)
         self.timeout = timeout
         self.node_timeout = check_node_timeout(node_timeout)
@@ -103,6 +116,7 @@ class AsyncCluster:
                 token=token,
                 credentials=credentials,
                 node_timeout=self.node_timeout,
+                insecure=insecure,
             )
             for n in self.nodes
         ]
@@ -133,6 +147,19 @@ class AsyncCluster:
     async def info(self) -> builtins.list[NodeResult[agent_pb2.InfoResponse]]:
         """Every agent's ``InfoResponse`` (also a clock sample per agent)."""
         return await self.fan_out(lambda c: c.info())
+
+    async def stacks(
+        self,
+        job_id: str,
+        *,
+        ranks: Collection[int] | None = None,
+        native: bool = False,
+        timeout: float = 0.0,
+    ) -> FoldedStacks:
+        """The Python stacks of the job's live ranks (``ranks``: global ranks; None:
+        all) on every node, sampled at once and folded (:mod:`rankd.client.stackfold`).
+        Needs py-spy beside each agent (``pip install 'rankd[stacks]'``)."""
+        return await gather_stacks(self, job_id, ranks=ranks, native=native, timeout=timeout)
 
     async def poll(
         self, job_id: str, *, fresh: bool = False
@@ -348,6 +375,7 @@ class Cluster:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         node_timeout: float = DEFAULT_NODE_TIMEOUT,
+        insecure: bool = False,
     ) -> None:
         self._runner = LoopThread()
 
@@ -358,6 +386,7 @@ class Cluster:
                 token=token,
                 credentials=credentials,
                 node_timeout=node_timeout,
+                insecure=insecure,
             )
 
         try:
@@ -383,6 +412,19 @@ class Cluster:
 
     def list(self) -> builtins.list[NodeResult[builtins.list[agent_pb2.JobStatus]]]:
         return self._runner.run(self._async.list())
+
+    def stacks(
+        self,
+        job_id: str,
+        *,
+        ranks: Collection[int] | None = None,
+        native: bool = False,
+        timeout: float = 0.0,
+    ) -> FoldedStacks:
+        """See :meth:`AsyncCluster.stacks`."""
+        return self._runner.run(
+            self._async.stacks(job_id, ranks=ranks, native=native, timeout=timeout)
+        )
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> bool:
         """See :meth:`AsyncCluster.watch`."""

@@ -8,7 +8,7 @@ the status code, so a caller never has to catch ``grpc.RpcError``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -29,9 +29,11 @@ __all__ = [
     "JobNotFound",
     "NodeListError",
     "NodeLostError",
+    "PlaintextTokenRefused",
     "RankdError",
     "agent_error",
     "cluster_error",
+    "name_nodes",
     "refusal",
 ]
 
@@ -42,6 +44,41 @@ class RankdError(Exception):
 
 class NodeListError(RankdError, ValueError):
     """A node list, hostfile or Slurm node-list expression could not be parsed."""
+
+
+def name_nodes(addresses: Sequence[str]) -> str:
+    """``a:1``, ``a:1 and b:2``, ``a:1, b:2 and 7 more``: nodes named in one line."""
+    if len(addresses) <= 2:
+        return " and ".join(addresses)
+    return f"{addresses[0]}, {addresses[1]} and {len(addresses) - 2} more"
+
+
+#: What a Python caller can do about a :class:`PlaintextTokenRefused`.
+PLAINTEXT_TOKEN_REMEDY = (
+    "give TLS credentials (credentials=grpc.ssl_channel_credentials(...)), "
+    "or insecure=True if the network is trusted"
+)
+
+
+class PlaintextTokenRefused(RankdError):
+    """The client would not send its bearer token over a plaintext channel to an
+    agent off this machine: anyone on the path (or at a mistyped address) could take
+    the token, and the token runs commands on every agent.
+
+    Raised when a client or cluster is made, before any connection. ``addresses``
+    are the targets that are not loopback (127.0.0.0/8, ::1, ``localhost``) or a
+    unix socket. The fix: TLS (``credentials=``; the CLI's ``--tls-ca`` or
+    ``RANKD_TLS_CA``), or ``insecure=True`` (``--insecure``) on a trusted network.
+    ``remedy`` is the advice at the end of the message.
+    """
+
+    def __init__(self, addresses: Sequence[str], remedy: str = PLAINTEXT_TOKEN_REMEDY) -> None:
+        self.addresses = tuple(addresses)
+        self.remedy = remedy
+        super().__init__(
+            f"refusing to send the bearer token in plaintext to {name_nodes(self.addresses)}, "
+            f"not a loopback address: anyone on the path could take it; {remedy}"
+        )
 
 
 class AgentError(RankdError):

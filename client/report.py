@@ -235,7 +235,8 @@ class FailureReport:
     reason: str = ""
     notes: tuple[str, ...] = field(default=())
     state: str = "FAILED"
-    """``"FAILED"`` or ``"KILLED"`` (a lost node fails the job: FAILED, see ``root_node``)."""
+    """``"FAILED"``, ``"KILLED"`` or ``"HUNG"`` (a failure: no output for the hang
+    timeout); a lost node fails the job: FAILED, see ``root_node``."""
     lost_nodes: tuple[NodeLost, ...] = ()
     """Every node the client gave up on, in the order they went silent."""
     root_node: NodeLost | None = None
@@ -244,6 +245,10 @@ class FailureReport:
     """KILLED: the killed job's reason, e.g. ``killed by Kill(SIGTERM) from alice``."""
     killed_at: float = 0.0
     """KILLED: when the first rank was terminated (client clock)."""
+    hang_title: str = ""
+    """HUNG: ``job X HUNG: no output from any rank for S s`` (see :mod:`rankd.client.hang`)."""
+    hang_lines: tuple[str, ...] = ()
+    """HUNG: the folded stacks of the ranks when the hang was declared, as text."""
 
     @property
     def own_failures(self) -> list[RankFailure]:
@@ -257,6 +262,8 @@ class FailureReport:
 
     def title(self) -> str:
         ranks = f"{self.world_size} ranks on {self.nnodes} node{'s' * (self.nnodes != 1)}"
+        if self.hang_title:
+            return f"rankd {self.hang_title} (attempt {self.restart_count}, {ranks})"
         title = f"rankd job {self.job_id} {self.state} (attempt {self.restart_count}, {ranks})"
         if self.root_node is not None:
             title += f": node {self.root_node.node} lost"
@@ -267,8 +274,15 @@ class FailureReport:
         if self.state == "KILLED":
             return self._format_killed()
         out = ["=" * _WIDTH, self.title()]
-        if self.reason and self.root_cause is None and self.root_node is None:
+        if (
+            self.reason
+            and self.root_cause is None
+            and self.root_node is None
+            and not self.hang_title
+        ):
             out.append(f"reason: {self.reason}")
+        if self.hang_lines:
+            out += ["-" * _WIDTH, *self.hang_lines]
         if self.root_node is not None:
             out += ["-" * _WIDTH, "Root Cause (first observed failure): a lost node"]
             out += _format_lost(self.root_node)

@@ -5,22 +5,36 @@ whether its answer carries the agent's clock); :class:`AgentClient` sends it on 
 blocking channel, :class:`AsyncAgentClient` on an asyncio one, and both read the
 answer the same way. :class:`Endpoint` turns a failed RPC into the client's typed
 error, with a hint when TLS settings are the likely cause.
+
+The token never leaves this machine in the clear: :func:`check_token_transport`
+(called by :meth:`Endpoint.of`, the one place the ``authorization`` metadata is
+made) refuses a token on a plaintext channel to a target that is not loopback or a
+unix socket, unless the caller says ``insecure``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from rankd.client.errors import AgentError, AgentUnavailable, agent_error
+from rankd.client.errors import (
+    AgentError,
+    AgentUnavailable,
+    PlaintextTokenRefused,
+    agent_error,
+    name_nodes,
+)
 from rankd.client.liveness import Liveness
 from rankd.v1 import agent_pb2
 
@@ -30,8 +44,10 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Endpoint",
     "Unary",
+    "check_token_transport",
     "default_requester",
     "info",
+    "is_local_target",
     "is_tls_misconfiguration",
     "kill",
     "list_jobs",
@@ -40,6 +56,8 @@ __all__ = [
     "start",
     "watch",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Deadline of one unary RPC, seconds.
 DEFAULT_TIMEOUT = 10.0
@@ -91,6 +109,17 @@ def poll(job_id: str) -> Unary[agent_pb2.PollResponse]:
 def info() -> Unary[agent_pb2.InfoResponse]:
     """Info: who the agent is, its clock, a free port."""
     return Unary("Info", agent_pb2.InfoRequest(), agent_time=_agent_time)
+
+
+def stacks(
+    job_id: str, local_ranks: Sequence[int] = (), *, native: bool = False, timeout: float = 0.0
+) -> Unary[agent_pb2.StacksResponse]:
+    """Stacks: the Python stacks of the job's live ranks (``local_ranks``; empty: all),
+    each sampled within ``timeout`` seconds (0: the agent's default, 10 s)."""
+    request = agent_pb2.StacksRequest(
+        job_id=job_id, local_ranks=list(local_ranks), native=native, timeout=timeout
+    )
+    return Unary("Stacks", request, extra_timeout=(timeout or 10.0) + 5.0)
 
 
 def renew(job_id: str, *, deadline: float | None = None) -> Unary[agent_pb2.RenewResponse]:
@@ -169,6 +198,83 @@ def is_tls_misconfiguration(err: grpc.RpcError) -> bool:
     return "certificate_verify_failed" in text or "verification check failed" in text
 
 
+def _host_of(authority: str) -> str:
+    """The host of ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` ("" if malformed);
+    a bare IPv6 literal (more than one colon) is its own host."""
+    if authority.startswith("["):
+        host, closed, _ = authority[1:].partition("]")
+        return host if closed else ""
+    if authority.count(":") == 1:
+        return authority.partition(":")[0]
+    return authority
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local_target(target: str) -> bool:
+    """True when the gRPC ``target`` can only reach this machine: a unix socket
+    (``unix:``, ``unix-abstract:``), or hosts that are all loopback literals
+    (127.0.0.0/8, ``::1``) or ``localhost``, also under ``dns:``, ``ipv4:`` and
+    ``ipv6:``.
+
+    No name is looked up: what a name resolves to when checked is not what the
+    channel may reach when it connects (DNS answers change), so a host name counts as
+    remote even when it resolves to 127.0.0.1 today. A target this cannot read (other
+    schemes, ``dns://server/...``, malformed) is not local."""
+    scheme, colon, rest = target.strip().partition(":")
+    scheme = scheme.lower() if colon else ""
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme in ("ipv4", "ipv6"):  # comma-separated addresses: every one must be local
+        return all(_is_loopback_host(_host_of(part)) for part in rest.split(","))
+    if scheme == "dns":
+        if rest.startswith("//"):
+            server, slash, rest = rest[2:].partition("/")
+            if server or not slash:  # a DNS server of its own decides: not judged
+                return False
+        return _is_loopback_host(_host_of(rest))
+    return _is_loopback_host(_host_of(target.strip()))
+
+
+# Remote targets already warned about (once per process: a reconnect is no news).
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def check_token_transport(
+    addresses: Sequence[str], *, token: bool, tls: bool, insecure: bool
+) -> None:
+    """Refuse to send a bearer token in plaintext off this machine.
+
+    With a ``token`` and no ``tls``, every address must be local
+    (:func:`is_local_target`); otherwise raises :class:`PlaintextTokenRefused`
+    naming the others, before any connection is made. With ``insecure`` the token
+    goes anyway, and one warning is logged for the addresses not warned about yet."""
+    if not token or tls:
+        return
+    remote = [a for a in addresses if not is_local_target(a)]
+    if not remote:
+        return
+    if not insecure:
+        raise PlaintextTokenRefused(remote)
+    with _warned_lock:
+        fresh = [a for a in remote if a not in _warned]
+        _warned.update(fresh)
+    if fresh:
+        logger.warning(
+            "sending the bearer token in plaintext to %s, not a loopback address "
+            "(insecure): anyone on the path can take it and run commands on the agents",
+            name_nodes(fresh),
+        )
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One agent as its calls see it: address, whether the channel uses TLS (for
@@ -181,7 +287,10 @@ class Endpoint:
     liveness: Liveness = field(default_factory=Liveness, compare=False)
 
     @classmethod
-    def of(cls, address: str, *, token: str | None, tls: bool) -> Endpoint:
+    def of(cls, address: str, *, token: str | None, tls: bool, insecure: bool = False) -> Endpoint:
+        """The endpoint of ``address``; refuses a ``token`` that would go in plaintext
+        to a remote address unless ``insecure`` (see :func:`check_token_transport`)."""
+        check_token_transport([address], token=bool(token), tls=tls, insecure=insecure)
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         return cls(address, tls, metadata)
 

@@ -98,6 +98,10 @@ class LaunchConfig:
     while it runs; an agent that hears no renewal for that long stops its ranks (a
     launcher that died or was cut off takes its job down). ``detach``: start the
     job without a lease and return at once (``LaunchResult.detached``); no restarts.
+    ``hang_timeout`` (seconds, 0 = off): when no rank wrote a line for that long, the
+    job is hung: every rank's stack is taken, the job is stopped and the attempt fails
+    with a HUNG report (see :mod:`rankd.client.hang`); it counts against
+    ``max_restarts``.
     """
 
     cmd: tuple[str, ...]
@@ -116,6 +120,7 @@ class LaunchConfig:
     kill_timeout: float = 30.0
     lease: float = DEFAULT_LEASE
     detach: bool = False
+    hang_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.cmd or not self.cmd[0]:
@@ -128,6 +133,12 @@ class LaunchConfig:
             raise ValueError(f"kill_timeout must be >= 0, not {self.kill_timeout}")
         if not (math.isfinite(self.lease) and 0 <= self.lease <= MAX_LEASE):
             raise ValueError(f"lease must be 0 (none) or up to {MAX_LEASE:g} s, not {self.lease}")
+        if not (math.isfinite(self.hang_timeout) and self.hang_timeout >= 0):
+            raise ValueError(
+                f"hang_timeout must be 0 (off) or seconds > 0, not {self.hang_timeout}"
+            )
+        if self.detach and self.hang_timeout:
+            raise ValueError("a detached job has no hang watchdog: nobody is left to watch it")
         if self.detach and self.max_restarts:
             raise ValueError("a detached job cannot restart: nobody is left to restart it")
         if any(r < 0 or r >= self.nproc_per_node for r in self.local_ranks_filter):
@@ -233,6 +244,7 @@ class LaunchOptions(TypedDict, total=False):
     kill_timeout: float
     lease: float
     detach: bool
+    hang_timeout: float
     on_line: Callable[[OutputLine], None] | None
     on_event: Callable[[str], None] | None
     on_progress: Callable[[Progress], None] | None
