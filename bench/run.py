@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import psutil
 
-from bench import fleet, lifecycle, logs
+from bench import fleet, lifecycle, logs, stacks
 from bench.config import Config
 from bench.harness import INTERVAL, Row, Scenario, format_value, progress, run_scenario
 
@@ -38,7 +38,12 @@ DEFAULT_REPEAT = 7
 
 
 def all_scenarios(cfg: Config) -> list[Scenario]:
-    return [*lifecycle.scenarios(cfg), *logs.scenarios(cfg), *fleet.scenarios(cfg)]
+    return [
+        *lifecycle.scenarios(cfg),
+        *logs.scenarios(cfg),
+        *fleet.scenarios(cfg),
+        *stacks.scenarios(cfg),
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:
