@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 
 from rankd.agent.failures import Failure
 from rankd.agent.logs import STDERR, STDOUT
@@ -10,9 +11,19 @@ from rankd.agent.model import Attempt, Job, JobState, Rank, RankState
 from rankd.agent.procs import Usage
 from rankd.agent.specs import DEFAULT_KILL_TIMEOUT, JobSpec
 from rankd.agent.stacks import RankStacks
+from rankd.agent.topology import TopologySource
 from rankd.v1 import agent_pb2 as pb
 
-__all__ = ["cache_ended_rank", "job_status", "spec_from_pb", "spec_to_pb", "stacks_response"]
+__all__ = [
+    "cache_ended_rank",
+    "job_status",
+    "spec_from_pb",
+    "spec_to_pb",
+    "stacks_response",
+    "topology_to_pb",
+]
+
+logger = logging.getLogger(__name__)
 
 _JOB_STATE = {
     JobState.RUNNING: pb.RUNNING,
@@ -50,6 +61,8 @@ def spec_from_pb(msg: pb.JobSpec) -> JobSpec:
         kill_timeout=msg.kill_timeout if msg.HasField("kill_timeout") else DEFAULT_KILL_TIMEOUT,
         default_env=dict(msg.default_env),
         lease=msg.lease,
+        numa_binding=msg.numa_binding,
+        cpu_bind=msg.cpu_bind,
     )
 
 
@@ -73,6 +86,8 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         kill_timeout=spec.kill_timeout,
         default_env=dict(spec.default_env),
         lease=spec.lease,
+        numa_binding=spec.numa_binding,
+        cpu_bind=spec.cpu_bind,
     )
     for rank, args in spec.rank_args.items():
         msg.rank_args[rank].args.extend(args)
@@ -140,6 +155,8 @@ def _rank_to_pb(
         msg.failure.CopyFrom(failure)
     if attempt.logs.problems:
         msg.file_problems.extend(attempt.logs.file_problems(rank.local_rank))
+    if rank.cpus:
+        msg.cpus.extend(rank.cpus)
     return msg
 
 
@@ -248,3 +265,26 @@ def _exit_words(rank: Rank) -> str:
     if code is None:
         return "state unknown"
     return f"exit code {code}" if code >= 0 else f"signal {-code}"
+
+
+def topology_to_pb(source: TopologySource) -> pb.Topology:
+    """The node's topology for Info; empty (logged) when it cannot be read, so that Info
+    still answers."""
+    try:
+        topo = source.read()
+    except (OSError, ValueError) as err:
+        logger.warning("cannot read the CPU topology under %s: %s", source.root, err)
+        return pb.Topology()
+    msg = pb.Topology(
+        cpus=sorted(topo.cpus),
+        numa_nodes=_sets(topo.numa_nodes),
+        sockets=_sets(topo.sockets),
+        l3_groups=_sets(topo.l3_groups),
+    )
+    for gpu in topo.gpus:
+        msg.gpus.add(index=gpu.index, numa_node=gpu.numa_node, pci_address=gpu.pci_address)
+    return msg
+
+
+def _sets(groups: Mapping[int, frozenset[int]]) -> list[pb.CpuSet]:
+    return [pb.CpuSet(id=key, cpus=sorted(cpus)) for key, cpus in sorted(groups.items())]

@@ -18,15 +18,17 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rankd.agent import logdir, procs, resources, spares
-from rankd.agent.errors import AlreadyExists, LimitExceeded, SpecError
+from rankd.agent.binding import plan_binding
+from rankd.agent.errors import AlreadyExists, FailedPrecondition, LimitExceeded, SpecError
 from rankd.agent.follow import LogWatcher
 from rankd.agent.logs import STDERR, STDOUT, AttemptLogs
 from rankd.agent.model import Attempt, Rank
 from rankd.agent.specs import JobSpec
+from rankd.agent.topology import TopologySource, agent_source
 
 __all__ = ["AGENT_ONLY_ENV", "Launcher", "Placement", "RankPlan", "plan_ranks"]
 
@@ -62,15 +64,21 @@ class RankPlan:
     stdout_path: str
     stderr_path: str
     error_file: str  # TORCHELASTIC_ERROR_FILE
+    cpus: tuple[int, ...] = ()  # to pin it to; () = the agent's affinity
 
 
 def plan_ranks(
-    spec: JobSpec, logs: AttemptLogs, *, base_env: Mapping[str, str], marker: str
+    spec: JobSpec,
+    logs: AttemptLogs,
+    *,
+    base_env: Mapping[str, str],
+    marker: str,
+    cpus: Sequence[frozenset[int]] | None = None,
 ) -> list[RankPlan]:
     """Every rank's plan, by local rank. The environment, later layers winning:
     `spec.default_env`, `base_env` (the agent's, but AGENT_ONLY_ENV), `spec.env`, the
     rank's `rank_env`, then LOCAL_RANK, TORCHELASTIC_ERROR_FILE and the attempt's marker
-    (RANKD_ATTEMPT)."""
+    (RANKD_ATTEMPT). `cpus`: each rank's CPUs (`binding.plan_binding`), None = unpinned."""
     merged = dict(spec.default_env)
     merged.update((k, v) for k, v in base_env.items() if k not in AGENT_ONLY_ENV)
     merged.update(spec.env)
@@ -94,6 +102,7 @@ def plan_ranks(
                 stdout_path=logs.path(local_rank, STDOUT),
                 stderr_path=logs.path(local_rank, STDERR),
                 error_file=error_file,
+                cpus=tuple(sorted(cpus[local_rank])) if cpus else (),
             )
         )
     return plans
@@ -121,9 +130,15 @@ class Launcher:
     """Makes attempts' directories and starts their ranks, from the loop's thread (and
     from spawn threads of its own for large attempts)."""
 
-    def __init__(self, log_dir: str, spare_dirs: spares.SpareDirs) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        spare_dirs: spares.SpareDirs,
+        topology: TopologySource | None = None,
+    ) -> None:
         self._log_dir = log_dir
         self._spares = spare_dirs
+        self._topology = topology or agent_source()
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None  # at first use
 
     def launch(
@@ -139,7 +154,10 @@ class Launcher:
         with every rank running, each with its pidfd open (`Rank.pidfd`). Raises
         AlreadyExists (that attempt's directory exists), LimitExceeded (out of
         descriptors or disk space), SpecError (a rank could not start) or the OSError of a
-        run directory that could not be made; then nothing it started or made is left."""
+        run directory that could not be made; then nothing it started or made is left.
+        A binding (spec.numa_binding, cpu_bind) this node cannot give raises
+        FailedPrecondition before anything is made."""
+        cpus = self.binding(spec)
         try:
             where = self.place(spec, run_dir)
         except OSError as err:
@@ -152,7 +170,7 @@ class Launcher:
         )
         attempt = Attempt(spec=spec, logs=logs, start_time=time.time(), marker=marker)
         try:
-            plans = plan_ranks(spec, logs, base_env=base_env, marker=marker)
+            plans = plan_ranks(spec, logs, base_env=base_env, marker=marker, cpus=cpus)
             if not where.ready:  # the files are created by spawn
                 with logdir.open_dir(where.attempt_dir) as attempt_fd:
                     for rank in range(spec.nprocs):
@@ -170,6 +188,18 @@ class Launcher:
             raise
         attempt.live = len(attempt.ranks)
         return attempt
+
+    def binding(self, spec: JobSpec) -> list[frozenset[int]] | None:
+        """Each rank's CPUs on this node now, or None when the spec pins nothing (then
+        the topology is not even read: a Start without binding pays nothing). Raises
+        FailedPrecondition naming the node and its topology."""
+        if not spec.numa_binding and spec.cpu_bind in ("", "none"):
+            return None
+        try:
+            topo = self._topology.read()
+        except (OSError, ValueError) as err:
+            raise FailedPrecondition(f"cannot read this node's CPU topology: {err}") from None
+        return plan_binding(topo, spec.nprocs, spec.numa_binding, spec.cpu_bind)
 
     def _exhausted(self, err: OSError, spec: JobSpec) -> LimitExceeded | None:
         return resources.exhausted(
@@ -291,6 +321,7 @@ def _spawn(plan: RankPlan) -> Rank:
         cwd=plan.cwd,
         stdout_path=plan.stdout_path,
         stderr_path=plan.stderr_path,
+        cpus=plan.cpus,
     )
     # here, not when its exit is first watched: a rank never runs without one
     try:
@@ -308,6 +339,7 @@ def _spawn(plan: RankPlan) -> Rank:
         stderr_path=plan.stderr_path,
         error_file=plan.error_file,
         pidfd=pidfd,
+        cpus=plan.cpus,
     )
 
 

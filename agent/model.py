@@ -56,6 +56,7 @@ class Rank:
     stdout_bytes: int = -1
     stderr_bytes: int = -1
     terminated_by_agent: bool = False
+    cpus: tuple[int, ...] = ()  # the CPUs it was pinned to at its start; () = not pinned
     # its pidfd from the spawn until the Terminator's exit watcher takes it over (-1)
     pidfd: int = field(default=-1, repr=False)
 

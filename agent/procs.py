@@ -16,7 +16,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from typing import Generic, TypeVar
 
 import psutil
@@ -49,24 +49,43 @@ def spawn(
     cwd: str | None,
     stdout_path: str,
     stderr_path: str,
+    cpus: Collection[int] = (),
 ) -> int:
     """Start one rank (argv[0] an absolute path; `env` as "KEY=value" bytes) in a new
     session, its output appended straight to its files, and return its pid (reaped by
     `ExitWatcher`). The files are created 0600 if missing and must be regular files,
-    reached without a symbolic link at their end (`logdir.open_append`). Raises OSError
-    when it cannot start. posix_spawn where glibc has what it needs, else Popen."""
+    reached without a symbolic link at their end (`logdir.open_append`). With `cpus`,
+    the rank starts pinned to them. Raises OSError when it cannot start. posix_spawn
+    where glibc has what it needs, else Popen."""
     out = open_append(stdout_path)
     try:
         err = open_append(stderr_path)
         try:
-            spawner = _spawner()
-            if spawner is not None:
-                return spawner.spawn(argv[0], argv, env, stdout_fd=out, stderr_fd=err, cwd=cwd)
-            return _popen(argv, env, cwd, out, err)
+            with _pinned(cpus):
+                spawner = _spawner()
+                if spawner is not None:
+                    return spawner.spawn(argv[0], argv, env, stdout_fd=out, stderr_fd=err, cwd=cwd)
+                return _popen(argv, env, cwd, out, err)
         finally:
             os.close(err)
     finally:
         os.close(out)
+
+
+@contextlib.contextmanager
+def _pinned(cpus: Collection[int]) -> Iterator[None]:
+    """The calling thread runs on `cpus` inside (a child it starts inherits its
+    affinity: posix_spawn's clone and Popen's fork copy the thread's), as before after.
+    Per thread, so spawn threads pinning side by side do not meet. Nothing for no cpus."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)  # 0: this thread
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _popen(argv: list[str], env: list[bytes], cwd: str | None, out: int, err: int) -> int:

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import grpc
 
 from rankd.agent import __version__, resources
-from rankd.agent.convert import cache_ended_rank, job_status, spec_from_pb, stacks_response
+from rankd.agent.convert import (
+    cache_ended_rank,
+    job_status,
+    spec_from_pb,
+    stacks_response,
+    topology_to_pb,
+)
 from rankd.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -37,6 +43,7 @@ from rankd.agent.model import Attempt
 from rankd.agent.specs import check_filters, check_requester, parse_signal, validate_job_id
 from rankd.agent.stacks import Sampler, StackTarget, find_sampler
 from rankd.agent.supervisor import Supervisor
+from rankd.agent.topology import agent_source
 from rankd.agent.watch import Update, check_heartbeat, job_updates
 from rankd.agent.wire import notice_response, packed_response
 from rankd.v1 import agent_pb2 as pb
@@ -165,6 +172,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             fd_hard_limit=hard,
             guardian_pid=sup.guardian_pid,
             guardian_restarts=sup.guardian_restarts,
+            topology=topology_to_pb(agent_source()),
         )
 
     @_unary

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Any
 
+from rankd.agent.binding import check_binding
 from rankd.agent.errors import SpecError
 
 __all__ = [
@@ -177,6 +178,9 @@ class JobSpec:
     default_env: Mapping[str, str] = field(default_factory=dict)
     # seconds without a Renew after which the agent stops the job; 0 = no lease
     lease: float = 0.0
+    # pin the ranks: torch's NUMA mode, or srun's --cpu-bind form (agent.binding)
+    numa_binding: str = ""
+    cpu_bind: str = ""
 
     def validate(self, limits: Limits | None = None) -> JobSpec:
         """Check every field; raise `SpecError` naming the field. Returns the spec with
@@ -211,6 +215,7 @@ class JobSpec:
                 parse_std(value)
             except ValueError as err:
                 raise SpecError(f"{what}: {err}") from None
+        check_binding(self.numa_binding, self.cpu_bind)
         self._check_ranks("local_ranks_filter", self.local_ranks_filter)
         self._check_template()
         check_filters("duplicate_stdout_filters", self.duplicate_stdout_filters)
@@ -374,4 +379,6 @@ def _comparable(spec: JobSpec) -> dict[str, Any]:
         "kill_timeout": spec.kill_timeout,
         "default_env": dict(spec.default_env),
         "lease": spec.lease,
+        "numa_binding": spec.numa_binding,
+        "cpu_bind": spec.cpu_bind if spec.cpu_bind != "none" else "",
     }

@@ -181,6 +181,8 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
         rank_offset=int(data.get("rank_offset", 0)),
         kill_timeout=float(data.get("kill_timeout", 30.0)),
         default_env=dict(data.get("default_env", {})),
+        numa_binding=str(data.get("numa_binding", "")),
+        cpu_bind=str(data.get("cpu_bind", "")),
     )
 
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
-from rankd.agent import logdir, procs, resources, spares
+from rankd.agent import binding, logdir, procs, resources, spares
 from rankd.agent.admission import Admission
 from rankd.agent.endings import Endings
 from rankd.agent.errors import (
@@ -383,12 +383,13 @@ def _repeated(job: Job, spec: JobSpec) -> bool:
 def _log_started(attempt: Attempt) -> None:
     spec = attempt.spec
     logger.info(
-        "job %s attempt %d started: %d ranks of %s, logs in %s",
+        "job %s attempt %d started: %d ranks of %s, logs in %s%s",
         spec.job_id,
         spec.restart_count,
         spec.nprocs,
         spec.entrypoint,
         attempt.logs.attempt_dir,
+        binding.describe(spec.numa_binding or spec.cpu_bind, [r.cpus for r in attempt.ranks]),
         extra=attempt.log_extra(),
     )
 

@@ -62,7 +62,7 @@ class RankEnv(_message.Message):
     def __init__(self, env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout", "default_env", "lease")
+    __slots__ = ("job_id", "nprocs", "entrypoint", "args", "rank_args", "env", "rank_env", "cwd", "role_name", "restart_count", "redirects", "tee", "local_ranks_filter", "log_line_prefix_template", "duplicate_stdout_filters", "duplicate_stderr_filters", "rank_offset", "kill_timeout", "default_env", "lease", "numa_binding", "cpu_bind")
     class RankArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,8 @@ class JobSpec(_message.Message):
     KILL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ENV_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
+    NUMA_BINDING_FIELD_NUMBER: _ClassVar[int]
+    CPU_BIND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     nprocs: int
     entrypoint: str
@@ -131,7 +133,9 @@ class JobSpec(_message.Message):
     kill_timeout: float
     default_env: _containers.ScalarMap[str, str]
     lease: float
-    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ..., default_env: _Optional[_Mapping[str, str]] = ..., lease: _Optional[float] = ...) -> None: ...
+    numa_binding: str
+    cpu_bind: str
+    def __init__(self, job_id: _Optional[str] = ..., nprocs: _Optional[int] = ..., entrypoint: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rank_args: _Optional[_Mapping[int, RankArgs]] = ..., env: _Optional[_Mapping[str, str]] = ..., rank_env: _Optional[_Mapping[int, RankEnv]] = ..., cwd: _Optional[str] = ..., role_name: _Optional[str] = ..., restart_count: _Optional[int] = ..., redirects: _Optional[str] = ..., tee: _Optional[str] = ..., local_ranks_filter: _Optional[_Iterable[int]] = ..., log_line_prefix_template: _Optional[str] = ..., duplicate_stdout_filters: _Optional[_Iterable[str]] = ..., duplicate_stderr_filters: _Optional[_Iterable[str]] = ..., rank_offset: _Optional[int] = ..., kill_timeout: _Optional[float] = ..., default_env: _Optional[_Mapping[str, str]] = ..., lease: _Optional[float] = ..., numa_binding: _Optional[str] = ..., cpu_bind: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("spec",)
@@ -176,7 +180,7 @@ class Failure(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., message: _Optional[str] = ..., error_file: _Optional[str] = ..., error_file_data: _Optional[str] = ..., traceback: _Optional[str] = ..., timestamp: _Optional[float] = ..., stderr_tail: _Optional[_Iterable[str]] = ..., terminated_by_agent: _Optional[bool] = ..., error_file_problem: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("local_rank", "pid", "state", "exit_code", "signal_name", "start_time", "end_time", "stdout_path", "stderr_path", "error_file", "rss_bytes", "cpu_seconds", "cpu_percent", "last_output_time", "stdout_bytes", "stderr_bytes", "failure", "file_problems")
+    __slots__ = ("local_rank", "pid", "state", "exit_code", "signal_name", "start_time", "end_time", "stdout_path", "stderr_path", "error_file", "rss_bytes", "cpu_seconds", "cpu_percent", "last_output_time", "stdout_bytes", "stderr_bytes", "failure", "file_problems", "cpus")
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +199,7 @@ class RankStatus(_message.Message):
     STDERR_BYTES_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     FILE_PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
     local_rank: int
     pid: int
     state: RankState
@@ -213,7 +218,8 @@ class RankStatus(_message.Message):
     stderr_bytes: int
     failure: Failure
     file_problems: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., stdout_path: _Optional[str] = ..., stderr_path: _Optional[str] = ..., error_file: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., last_output_time: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., file_problems: _Optional[_Iterable[str]] = ...) -> None: ...
+    cpus: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[RankState, str]] = ..., exit_code: _Optional[int] = ..., signal_name: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., stdout_path: _Optional[str] = ..., stderr_path: _Optional[str] = ..., error_file: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., last_output_time: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., file_problems: _Optional[_Iterable[str]] = ..., cpus: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("job_id", "state", "restart_count", "nprocs", "run_dir", "attempt_dir", "ranks", "failures", "start_time", "end_time", "reason", "spec")
@@ -414,7 +420,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("hostname", "version", "agent_time", "pid", "log_dir", "free_port", "log_follow", "polled_attempts", "log_dir_free_bytes", "min_free_bytes", "open_fds", "fd_soft_limit", "fd_hard_limit", "guardian_pid", "guardian_restarts")
+    __slots__ = ("hostname", "version", "agent_time", "pid", "log_dir", "free_port", "log_follow", "polled_attempts", "log_dir_free_bytes", "min_free_bytes", "open_fds", "fd_soft_limit", "fd_hard_limit", "guardian_pid", "guardian_restarts", "topology")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +436,7 @@ class InfoResponse(_message.Message):
     FD_HARD_LIMIT_FIELD_NUMBER: _ClassVar[int]
     GUARDIAN_PID_FIELD_NUMBER: _ClassVar[int]
     GUARDIAN_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     agent_time: float
@@ -445,7 +452,40 @@ class InfoResponse(_message.Message):
     fd_hard_limit: int
     guardian_pid: int
     guardian_restarts: int
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ..., log_follow: _Optional[str] = ..., polled_attempts: _Optional[int] = ..., log_dir_free_bytes: _Optional[int] = ..., min_free_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., fd_soft_limit: _Optional[int] = ..., fd_hard_limit: _Optional[int] = ..., guardian_pid: _Optional[int] = ..., guardian_restarts: _Optional[int] = ...) -> None: ...
+    topology: Topology
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., agent_time: _Optional[float] = ..., pid: _Optional[int] = ..., log_dir: _Optional[str] = ..., free_port: _Optional[int] = ..., log_follow: _Optional[str] = ..., polled_attempts: _Optional[int] = ..., log_dir_free_bytes: _Optional[int] = ..., min_free_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., fd_soft_limit: _Optional[int] = ..., fd_hard_limit: _Optional[int] = ..., guardian_pid: _Optional[int] = ..., guardian_restarts: _Optional[int] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ...) -> None: ...
+
+class CpuSet(_message.Message):
+    __slots__ = ("id", "cpus")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    cpus: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., cpus: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Gpu(_message.Message):
+    __slots__ = ("index", "numa_node", "pci_address")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUMA_NODE_FIELD_NUMBER: _ClassVar[int]
+    PCI_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    numa_node: int
+    pci_address: str
+    def __init__(self, index: _Optional[int] = ..., numa_node: _Optional[int] = ..., pci_address: _Optional[str] = ...) -> None: ...
+
+class Topology(_message.Message):
+    __slots__ = ("cpus", "numa_nodes", "sockets", "l3_groups", "gpus")
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    NUMA_NODES_FIELD_NUMBER: _ClassVar[int]
+    SOCKETS_FIELD_NUMBER: _ClassVar[int]
+    L3_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    cpus: _containers.RepeatedScalarFieldContainer[int]
+    numa_nodes: _containers.RepeatedCompositeFieldContainer[CpuSet]
+    sockets: _containers.RepeatedCompositeFieldContainer[CpuSet]
+    l3_groups: _containers.RepeatedCompositeFieldContainer[CpuSet]
+    gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
+    def __init__(self, cpus: _Optional[_Iterable[int]] = ..., numa_nodes: _Optional[_Iterable[_Union[CpuSet, _Mapping]]] = ..., sockets: _Optional[_Iterable[_Union[CpuSet, _Mapping]]] = ..., l3_groups: _Optional[_Iterable[_Union[CpuSet, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ...) -> None: ...
 
 class StacksRequest(_message.Message):
     __slots__ = ("job_id", "local_ranks", "native", "timeout")
