@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         PlaintextTokenRefused,
         RankdError,
     )
+    from rankd.client.membership import Member, Membership, MembershipChange
     from rankd.client.nodes import DEFAULT_PORT, Node, expand_hostlist, parse_nodes, read_hostfile
     from rankd.client.report import FailureReport, NodeLost, RankFailure
     from rankd.client.results import NodeResult
@@ -71,6 +72,9 @@ _WHERE = {
     "LaunchResult": "rankd.client.torchrun",
     "LogLine": "rankd.v1.agent_pb2",
     "LogStream": "rankd.client.streams",
+    "Member": "rankd.client.membership",
+    "Membership": "rankd.client.membership",
+    "MembershipChange": "rankd.client.membership",
     "Node": "rankd.client.nodes",
     "NodeListError": "rankd.client.errors",
     "NodeLost": "rankd.client.report",
@@ -115,6 +119,9 @@ __all__ = [
     "LaunchResult",
     "LogLine",
     "LogStream",
+    "Member",
+    "Membership",
+    "MembershipChange",
     "Node",
     "NodeListError",
     "NodeLost",

@@ -15,6 +15,7 @@ import rankd.client.rpc as rpc
 from rankd.client.agent_client import AsyncAgentClient
 from rankd.client.errors import AgentError, RankdError
 from rankd.client.hang import Hang, HangWatch
+from rankd.client.membership import Membership
 from rankd.client.nodes import Node
 from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
 from rankd.client.results import NodeResult
@@ -24,6 +25,9 @@ from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
 
 __all__ = ["Attempt", "Fleet", "Host"]
+
+# The agent's reasons for a job it stopped on its own: its shutdown, a lapsed lease.
+_NODE_LEVEL = ("agent shutting down", "lease expired")
 
 
 class Fleet(Protocol):
@@ -60,6 +64,11 @@ class Host(Protocol):
     nnodes: int
     world_size: int
     interval: float
+
+    @property
+    def membership(self) -> Membership:
+        """This attempt's layout: member (node) ``i`` of the attempt is group rank ``i``."""
+        ...
 
     def event(self, message: str) -> None: ...
 
@@ -108,17 +117,19 @@ class Attempt:
             self.failed.set()
 
     def lose(self, i: int, why: str, since: float) -> None:
-        """Give up on node ``i``: it is never called again in this launch."""
+        """Give up on node ``i``: it is never called again in this attempt. Its loss
+        dates from when it was last heard from, at the latest: its peers' ranks that
+        failed since died of it."""
         if i in self.lost:
             return
-        npn = self.launch.config.nproc_per_node
+        heard = self.cluster.clients[i].liveness.last_heard_wall
         self.lost[i] = NodeLost(
             node=self.cluster.names[i],
             address=str(self.cluster.nodes[i]),
             node_rank=i,
-            global_ranks=tuple(range(i * npn, (i + 1) * npn)),
+            global_ranks=tuple(self.launch.membership.members[i].global_ranks),
             why=why,
-            since=since,
+            since=min(since, heard),
             detected=time.time(),
         )
         self.fail(f"node {self.cluster.names[i]} lost: {why}")
@@ -145,7 +156,12 @@ class Attempt:
         assert final is not None  # a follow stream that ran to its end carries the status
         if final.state == agent_pb2.KILLED and not self.failed.is_set():
             # not ours (we kill only after fail()): another client, the lease, the agent
-            self.killed_by = final.reason or "killed"
+            reason = final.reason or "killed"
+            if self.launch.config.nnodes is not None and reason.startswith(_NODE_LEVEL):
+                # elastic: the node stopped the job on its own, a node failure to recover
+                self.lose(i, f"its agent stopped the job: {reason}", time.time())
+                return
+            self.killed_by = reason
             self.fail(
                 f"job {self.launch.run_id} was killed on {self.cluster.names[i]}: {self.killed_by}"
             )
@@ -157,9 +173,8 @@ class Attempt:
         name = self.cluster.names[i]
         own = [f for f in final.failures if not f.terminated_by_agent]
         if own:
-            view = NodeView(
-                str(self.cluster.nodes[i]), name, i, i * self.launch.config.nproc_per_node
-            )
+            offset = self.launch.membership.members[i].rank_offset
+            view = NodeView(str(self.cluster.nodes[i]), name, i, offset)
             failure = RankFailure.from_proto(own[0], view)
             return f"global rank {failure.global_rank} on {name} failed: {failure.summary()}"
         state = agent_pb2.JobState.Name(final.state)
@@ -297,7 +312,7 @@ class Attempt:
                 address=str(node),
                 name=self.cluster.names[i],
                 node_rank=i,
-                rank_offset=i * self.launch.config.nproc_per_node,
+                rank_offset=self.launch.membership.members[i].rank_offset,
                 clock=self.cluster.clients[i].clock.best,
             )
             for i, node in enumerate(self.cluster.nodes)

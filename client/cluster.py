@@ -336,9 +336,11 @@ class AsyncCluster:
         :class:`~rankd.client.torchrun.LaunchConfig` (``nproc_per_node``, ``run_id``,
         ``max_restarts``, ``redirects``, ``tee``, ``local_ranks_filter``,
         ``log_line_prefix_template``, ``master_addr``, ``master_port``, ``role_name``,
-        ``env``, ``cwd``, ``kill_timeout``, ``lease``, ``detach``) and of
-        :class:`~rankd.client.torchrun.LaunchHooks` (``on_line``, ``on_event``,
-        ``on_progress``, ``progress_interval``, ``stdout``, ``stderr``).
+        ``env``, ``cwd``, ``kill_timeout``, ``lease``, ``detach``, ``hang_timeout``,
+        ``nnodes``) and of :class:`~rankd.client.torchrun.LaunchHooks` (``on_line``,
+        ``on_event``, ``on_membership``, ``on_progress``, ``progress_interval``,
+        ``stdout``, ``stderr``). ``nnodes=(MIN, MAX)``: elastic membership, the nodes
+        beyond MAX are spares (see :mod:`rankd.client.launch`, docs/elastic.md).
         Raises ``JobFailed`` with the report when the job failed (a lost node
         included: ``report.root_node``), ``JobKilled`` when another client killed it.
         """

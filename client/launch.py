@@ -21,7 +21,16 @@
   never failed, and is not restarted. ``detach`` starts the job without a lease
   and returns at once.
 - ``max_restarts``: a failed attempt is stopped everywhere and attempt
-  ``restart_count + 1`` starts on every node, up to ``max_restarts`` times.
+  ``restart_count + 1`` starts, up to ``max_restarts`` times (every restart counts,
+  for a failed rank as for a lost node).
+- Membership (:mod:`rankd.client.membership`, :mod:`rankd.client.elastic`): each
+  attempt runs on its members, in group-rank order; global ranks, ``WORLD_SIZE``,
+  ``GROUP_RANK``, ``MASTER_ADDR`` (the first member's host) and ``MASTER_PORT`` are
+  laid out per attempt. Without ``nnodes`` every node is a member and must answer.
+  With ``nnodes=(MIN, MAX)`` the job starts on the first MAX nodes that answer (the
+  rest are spares); before each restart every node is checked within the node
+  timeout, and the next attempt runs on the members that answer plus spares up to
+  MAX, if there are at least MIN. Each change is one event (and ``on_membership``).
 - Failure: :class:`rankd.client.errors.JobFailed` with the :mod:`rankd.client.report`.
 - Cancellation (Ctrl-C): the job is killed on every node, then the
   cancellation propagates.
@@ -42,6 +51,7 @@ from string import Template
 
 import rankd.client.rpc as rpc
 from rankd.client.attempt import Attempt, Fleet
+from rankd.client.elastic import Elastic, MemberFleet, count, root_line
 from rankd.client.errors import (
     JobFailed,
     JobKilled,
@@ -49,6 +59,7 @@ from rankd.client.errors import (
     RankdError,
     cluster_error,
 )
+from rankd.client.membership import Membership
 from rankd.client.report import FailureReport
 from rankd.client.streams import StreamOptions, follow_to_end
 from rankd.client.torchrun import (
@@ -75,17 +86,40 @@ class _Launch:
     """The state of one ``launch`` call."""
 
     def __init__(self, cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -> None:
-        self.cluster = cluster
+        self.fleet = cluster  # every node, spares included
+        self.cluster: Fleet = cluster  # the current attempt's members (see use())
         self.config = config
         self.hooks = hooks
         self.run_id = config.run_id or new_run_id()
         self.nnodes = len(cluster.nodes)
-        self.world_size = self.nnodes * config.nproc_per_node
+        self.world_size = 0  # known once the first membership is laid out (use())
+        self.elastic = Elastic(cluster, config, self.event, hooks.on_membership)
         self.template = config.log_line_prefix_template or DEFAULT_PREFIX_TEMPLATE
         self.interval = hooks.progress_interval if hooks.on_progress else 2.0
         self._redirects = parse_std(config.redirects, "redirects")
         self._tee = parse_std(config.tee, "tee")
         self._prefixes: dict[tuple[int, int], str] = {}
+
+    @property
+    def membership(self) -> Membership:
+        return self.elastic.membership
+
+    def use(self, membership: Membership) -> None:
+        """Make ``membership`` the layout of the attempt that starts next."""
+        self.elastic.use(membership)
+        self.cluster = MemberFleet(self.fleet, membership)
+        self.nnodes = membership.nnodes
+        self.world_size = membership.world_size
+        self._prefixes.clear()
+
+    def _binding(self) -> str:
+        cfg = self.config
+        if cfg.numa_binding:
+            return f", numa binding {cfg.numa_binding}"
+        return f", cpu bind {cfg.cpu_bind}" if cfg.cpu_bind else ""
+
+    def rank_offset(self, node_rank: int) -> int:
+        return self.membership.members[node_rank].rank_offset
 
     # -- output ---------------------------------------------------------------
 
@@ -108,7 +142,7 @@ class _Launch:
         if key not in self._prefixes:
             self._prefixes[key] = Template(self.template).safe_substitute(
                 role_name=self.config.role_name,
-                rank=node_rank * self.config.nproc_per_node + local_rank,
+                rank=self.rank_offset(node_rank) + local_rank,
                 local_rank=local_rank,
                 host=self.cluster.names[node_rank],
             )
@@ -124,7 +158,7 @@ class _Launch:
                 OutputLine(
                     host=self.cluster.names[node_rank],
                     node_rank=node_rank,
-                    global_rank=node_rank * self.config.nproc_per_node + line.local_rank,
+                    global_rank=self.rank_offset(node_rank) + line.local_rank,
                     local_rank=line.local_rank,
                     stream=stream,
                     text=line.text,
@@ -141,29 +175,35 @@ class _Launch:
 
     # -- specs ----------------------------------------------------------------
 
-    def spec(
-        self, node_rank: int, restart_count: int, master_addr: str, port: int
-    ) -> agent_pb2.JobSpec:
+    def spec(self, node_rank: int) -> agent_pb2.JobSpec:
+        """The spec of group rank ``node_rank`` in the current membership."""
         cfg = self.config
+        layout = self.membership
+        nproc = layout.members[node_rank].nproc
+        restart_count = layout.restart_count
         common, per_rank = torchrun_env(
             node_rank=node_rank,
             nnodes=self.nnodes,
-            nproc_per_node=cfg.nproc_per_node,
-            master_addr=master_addr,
-            master_port=port,
+            nproc_per_node=nproc,
+            master_addr=layout.master_addr,
+            master_port=layout.master_port,
             run_id=self.run_id,
             restart_count=restart_count,
             max_restarts=cfg.max_restarts,
             role_name=cfg.role_name,
             env=cfg.env,
+            rank_offset=self.rank_offset(node_rank),
+            world_size=self.world_size,
         )
         spec = agent_pb2.JobSpec(
             job_id=self.run_id,
-            nprocs=cfg.nproc_per_node,
+            nprocs=nproc,
             entrypoint=cfg.cmd[0],
             args=list(cfg.cmd[1:]),
             env=common,
-            default_env=torchrun_defaults(cfg.nproc_per_node),
+            default_env=torchrun_defaults(nproc),
+            numa_binding=cfg.numa_binding,
+            cpu_bind=cfg.cpu_bind,
             cwd=cfg.cwd,
             role_name=cfg.role_name,
             restart_count=restart_count,
@@ -174,7 +214,7 @@ class _Launch:
             log_line_prefix_template=self.template.replace(
                 "${host}", self.cluster.names[node_rank]
             ),
-            rank_offset=node_rank * cfg.nproc_per_node,
+            rank_offset=self.rank_offset(node_rank),
             kill_timeout=cfg.kill_timeout,
             lease=0.0 if cfg.detach else cfg.lease,
         )
@@ -187,7 +227,7 @@ class _Launch:
         streams = [
             s
             for s in ("stdout", "stderr")
-            if any(self.visible(r, s) for r in range(self.config.nproc_per_node))
+            if any(self.visible(r, s) for r in range(self.membership.max_nproc))
         ]
         options = (
             follow_to_end()  # nothing for the terminal: follow only for the end
@@ -202,46 +242,68 @@ class _Launch:
     # -- the run ----------------------------------------------------------------
 
     async def run(self) -> LaunchResult:
-        answers = await self.cluster.info()
-        errors = {str(r.node): r.error for r in answers if r.error is not None}
-        if errors:  # a refusal (token, TLS) is named as such, not as "cannot reach"
-            raise cluster_error("cannot reach every node", errors, self.nnodes)
-        infos = [r.unwrap() for r in answers]
-        await self.cluster.info()  # a second round trip: a tighter clock estimate
-        master_addr = self.config.master_addr or self.cluster.nodes[0].host
-        restart_count = 0
+        self.use(await self.elastic.first())
         if self.config.detach:
-            port = self.config.master_port or infos[0].free_port
             self.event(
-                f"starting job {self.run_id} detached, {_count(self.world_size, 'rank')} on "
-                f"{_count(self.nnodes, 'node')} (MASTER_ADDR={master_addr} MASTER_PORT={port})"
+                f"starting job {self.run_id} detached, {count(self.world_size, 'rank')} on "
+                f"{count(self.nnodes, 'node')} ({self.membership.master()})"
             )
-            statuses = await self.start(0, master_addr, port)
-            return LaunchResult(self.run_id, 0, self.world_size, tuple(statuses), detached=True)
+            statuses = await self.start()
+            return LaunchResult(
+                self.run_id,
+                0,
+                self.world_size,
+                tuple(statuses),
+                detached=True,
+                memberships=tuple(self.elastic.history),
+            )
         try:
-            while True:
-                port = self.config.master_port or infos[0].free_port
-                report = await self.attempt(restart_count, master_addr, port)
-                if not isinstance(report, FailureReport):
-                    self.event(f"job {self.run_id} succeeded (attempt {restart_count})")
-                    return LaunchResult(self.run_id, restart_count, self.world_size, report)
-                if report.state == "KILLED":
-                    raise JobKilled(report)
-                if restart_count >= self.config.max_restarts or report.lost_nodes:
-                    raise JobFailed(report)
-                restart_count += 1
-                self.event(
-                    f"attempt {restart_count - 1} failed ({_root_line(report)}); restarting "
-                    f"(restart {restart_count} of {self.config.max_restarts})"
-                )
-                if self.config.master_port is None:
-                    fresh = await self.cluster.info()
-                    if fresh[0].ok:
-                        infos[0] = fresh[0].unwrap()
+            return await self.attempts()
         except asyncio.CancelledError:
             self.event(f"interrupted: killing job {self.run_id} on {self.nnodes} nodes")
             await asyncio.shield(self.kill_everywhere())
             raise
+
+    async def attempts(self) -> LaunchResult:
+        """Attempts one after the other until one succeeds or the launch gives up."""
+        while True:
+            restart_count = self.membership.restart_count
+            report = await self.attempt()
+            elastic = self.elastic
+            if not isinstance(report, FailureReport):
+                elastic.record("succeeded")
+                self.event(f"job {self.run_id} succeeded (attempt {restart_count})")
+                return LaunchResult(
+                    self.run_id,
+                    restart_count,
+                    self.world_size,
+                    report,
+                    memberships=tuple(elastic.history),
+                )
+            elastic.record(f"{report.state.lower()}: {root_line(report)}")
+            if report.state == "KILLED":
+                raise JobKilled(elastic.with_history(report))
+            if restart_count >= self.config.max_restarts:
+                raise JobFailed(elastic.with_history(report))
+            nxt = elastic.next_membership(report)
+            if isinstance(nxt, str):
+                self.event(nxt)
+                raise JobFailed(elastic.with_history(report, nxt))
+            self.event(
+                f"attempt {restart_count} failed ({root_line(report)}); restarting "
+                f"(restart {restart_count + 1} of {self.config.max_restarts})"
+            )
+            previous = self.membership
+            self.use(nxt)
+            await self.clear_joiners(previous)
+
+    async def clear_joiners(self, previous: Membership) -> None:
+        """Stop what is left of this job on the nodes that join now (a node that comes
+        back may still run an old attempt until its lease ends)."""
+        old = set(previous.indices)
+        joiners = [m.group_rank for m in self.membership.members if m.index not in old]
+        if joiners:
+            await self.kill_everywhere(only=joiners, why="a node joins the next attempt")
 
     async def kill_everywhere(
         self,
@@ -278,10 +340,9 @@ class _Launch:
         await asyncio.gather(*(one(i) for i in ranks))
         return answers
 
-    async def start(
-        self, restart_count: int, master_addr: str, port: int
-    ) -> list[agent_pb2.JobStatus]:
-        specs = [self.spec(i, restart_count, master_addr, port) for i in range(self.nnodes)]
+    async def start(self) -> list[agent_pb2.JobStatus]:
+        """Start the current attempt on every member."""
+        specs = [self.spec(i) for i in range(self.nnodes)]
 
         async def one(i: int) -> agent_pb2.StartResponse:
             return await self.cluster.clients[i].start(specs[i])
@@ -309,29 +370,25 @@ class _Launch:
             raise cluster_error(f"cannot start job {self.run_id}", errors, self.nnodes)
         return [r.job for r in results]  # type: ignore[union-attr]
 
-    async def attempt(
-        self, restart_count: int, master_addr: str, port: int
-    ) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
-        """Run one attempt everywhere: each node's final status, or the report."""
+    async def attempt(self) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
+        """Run the current attempt on its members: each one's final status, or the
+        report. A failed attempt ends with a check of every node (:mod:`elastic`):
+        a member that does not answer is lost, and the report says so."""
+        restart_count = self.membership.restart_count
         self.event(
             f"attempt {restart_count}: starting job {self.run_id}, "
-            f"{_count(self.world_size, 'rank')} on {_count(self.nnodes, 'node')} "
-            f"(MASTER_ADDR={master_addr} MASTER_PORT={port})"
+            f"{count(self.world_size, 'rank')} on {count(self.nnodes, 'node')} "
+            f"({self.membership.counts()}{self._binding()}, {self.membership.master()})"
         )
-        await self.start(restart_count, master_addr, port)
+        await self.start()
+        for watch in self.cluster.node_watches(self.run_id):
+            if not watch.live:  # a spare's watch backs off while it lacks the job
+                watch.kick()
         run = Attempt(self, restart_count)
-        return await run.run()
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _root_line(report: FailureReport) -> str:
-    root = report.root_cause
-    if root is None:
-        return report.reason or "no failure recorded"
-    return f"global rank {root.global_rank} on {root.node}: {root.summary()}"
+        outcome = await run.run()
+        if not isinstance(outcome, FailureReport) or outcome.state == "KILLED":
+            return outcome
+        return await self.elastic.check(run, outcome)
 
 
 async def run_launch(cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -> LaunchResult:

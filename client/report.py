@@ -32,6 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from rankd.client.clock import ClockSample
+from rankd.client.membership import Membership, format_history
 
 __all__ = [
     "FailureGroup",
@@ -249,6 +250,8 @@ class FailureReport:
     """HUNG: ``job X HUNG: no output from any rank for S s`` (see :mod:`rankd.client.hang`)."""
     hang_lines: tuple[str, ...] = ()
     """HUNG: the folded stacks of the ranks when the hang was declared, as text."""
+    history: tuple[Membership, ...] = ()
+    """Every attempt of the launch with its members and outcome, this one last."""
 
     @property
     def own_failures(self) -> list[RankFailure]:
@@ -307,6 +310,8 @@ class FailureReport:
             notes.append(_close_call_note(self.root_cause, self.close_call))
         if notes:
             out += ["-" * _WIDTH, *(f"Note: {n}" for n in notes)]
+        if len(self.history) > 1:
+            out += ["-" * _WIDTH, "Attempts:", *format_history(self.history)]
         out.append("=" * _WIDTH)
         return "\n".join(out)
 

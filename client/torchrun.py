@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import IO, TYPE_CHECKING, Any, TypedDict
 
+from rankd.client.membership import Membership, MembershipChange, parse_nnodes
+from rankd.client.topology import parse_cpu_bind, parse_nproc, parse_numa_binding
+
 if TYPE_CHECKING:
     from rankd.v1 import agent_pb2
 
@@ -102,10 +105,12 @@ class LaunchConfig:
     job is hung: every rank's stack is taken, the job is stopped and the attempt fails
     with a HUNG report (see :mod:`rankd.client.hang`); it counts against
     ``max_restarts``.
+    ``nnodes`` (MIN, MAX), or N for (N, N): elastic membership (see
+    :mod:`rankd.client.membership`); nodes beyond MAX are spares. None: every node.
     """
 
     cmd: tuple[str, ...]
-    nproc_per_node: int = 1
+    nproc_per_node: int | str = 1
     run_id: str | None = None
     max_restarts: int = 0
     redirects: str = "0"
@@ -121,12 +126,20 @@ class LaunchConfig:
     lease: float = DEFAULT_LEASE
     detach: bool = False
     hang_timeout: float = 0.0
+    nnodes: tuple[int, int] | int | None = None
+    numa_binding: str = ""
+    cpu_bind: str = ""
 
     def __post_init__(self) -> None:
         if not self.cmd or not self.cmd[0]:
             raise ValueError("no command to launch")
-        if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1, not {self.nproc_per_node}")
+        object.__setattr__(self, "nproc_per_node", parse_nproc(self.nproc_per_node))
+        if self.numa_binding:
+            parse_numa_binding(self.numa_binding)
+        if self.cpu_bind:
+            parse_cpu_bind(self.cpu_bind)
+        if self.numa_binding and self.cpu_bind:
+            raise ValueError("give numa_binding or cpu_bind, not both")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, not {self.max_restarts}")
         if self.kill_timeout < 0:
@@ -141,10 +154,11 @@ class LaunchConfig:
             raise ValueError("a detached job has no hang watchdog: nobody is left to watch it")
         if self.detach and self.max_restarts:
             raise ValueError("a detached job cannot restart: nobody is left to restart it")
-        if any(r < 0 or r >= self.nproc_per_node for r in self.local_ranks_filter):
+        known = self.nproc_per_node if isinstance(self.nproc_per_node, int) else None
+        if any(r < 0 or (known is not None and r >= known) for r in self.local_ranks_filter):
             raise ValueError(
                 f"local_ranks_filter {list(self.local_ranks_filter)} names ranks outside "
-                f"0-{self.nproc_per_node - 1}"
+                f"0-{(known or 1) - 1}"
             )
         _check_template(self.log_line_prefix_template)
         parse_std(self.redirects, "redirects")
@@ -152,6 +166,8 @@ class LaunchConfig:
         object.__setattr__(self, "cmd", tuple(self.cmd))
         object.__setattr__(self, "local_ranks_filter", tuple(self.local_ranks_filter))
         object.__setattr__(self, "env", dict(self.env))
+        if self.nnodes is not None:
+            object.__setattr__(self, "nnodes", parse_nnodes(self.nnodes))
 
 
 @dataclass(frozen=True)
@@ -196,14 +212,17 @@ class Progress:
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """A job that succeeded: its id, the attempt that did, each node's final status.
-    Detached (``detached``): the job just started; ``statuses`` are Start's answers."""
+    """A job that succeeded: its id, the attempt that did, each member's final status
+    (in group-rank order). Detached (``detached``): the job just started; ``statuses``
+    are Start's answers. ``memberships``: every attempt's layout, the last one's first
+    member is group rank 0 of the attempt that succeeded."""
 
     job_id: str
     restart_count: int
     world_size: int
     statuses: tuple[agent_pb2.JobStatus, ...]
     detached: bool = False
+    memberships: tuple[Membership, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,11 +233,14 @@ class LaunchHooks:
     ``prefix + text`` to ``stdout``/``stderr``, the process's own by default);
     ``on_event`` one-line notices (attempt started, failure, restart; default: the
     launch module's logger); ``on_progress`` a :class:`Progress` every
-    ``progress_interval`` seconds.
+    ``progress_interval`` seconds; ``on_membership`` a
+    :class:`~rankd.client.membership.MembershipChange` before an attempt that runs on
+    other nodes than the last one (its ``line()`` also goes to ``on_event``).
     """
 
     on_line: Callable[[OutputLine], None] | None = None
     on_event: Callable[[str], None] | None = None
+    on_membership: Callable[[MembershipChange], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
     progress_interval: float = 1.0
     stdout: IO[str] | None = None
@@ -229,7 +251,7 @@ class LaunchOptions(TypedDict, total=False):
     """The keyword arguments of ``launch``: the fields of :class:`LaunchConfig`
     (but ``cmd``) and of :class:`LaunchHooks`; defaults are theirs."""
 
-    nproc_per_node: int
+    nproc_per_node: int | str
     run_id: str | None
     max_restarts: int
     redirects: str
@@ -245,8 +267,12 @@ class LaunchOptions(TypedDict, total=False):
     lease: float
     detach: bool
     hang_timeout: float
+    nnodes: tuple[int, int] | int | None
+    numa_binding: str
+    cpu_bind: str
     on_line: Callable[[OutputLine], None] | None
     on_event: Callable[[str], None] | None
+    on_membership: Callable[[MembershipChange], None] | None
     on_progress: Callable[[Progress], None] | None
     progress_interval: float
     stdout: IO[str] | None
@@ -277,13 +303,20 @@ def torchrun_env(
     max_restarts: int,
     role_name: str = "default",
     env: Mapping[str, str] | None = None,
+    rank_offset: int | None = None,
+    world_size: int | None = None,
 ) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
     """The environment torchrun gives its workers: (common env, env per local rank).
 
+    ``node_rank`` is the group rank; ``rank_offset`` the global rank of its local
+    rank 0 and ``world_size`` the job's (defaults: every node has ``nproc_per_node``).
     ``env`` is the user's; torchrun's variables win over it. torchrun's defaults that
     yield to the node's own environment are in :func:`torchrun_defaults`.
     """
-    world_size = nnodes * nproc_per_node
+    if world_size is None:
+        world_size = nnodes * nproc_per_node
+    if rank_offset is None:
+        rank_offset = node_rank * nproc_per_node
     common = dict(env or {})
     common.update(
         {
@@ -304,7 +337,7 @@ def torchrun_env(
     )
     per_rank = {}
     for local_rank in range(nproc_per_node):
-        rank = str(node_rank * nproc_per_node + local_rank)
+        rank = str(rank_offset + local_rank)
         per_rank[local_rank] = {"RANK": rank, "ROLE_RANK": rank, "LOCAL_RANK": str(local_rank)}
     return common, per_rank
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.agents import Agent
+from helpers.agents import RANKD_BIN, Agent
 from helpers.fake_topology import FakeMachine
 
 from rankd.client import Cluster
@@ -52,18 +53,20 @@ def test_each_node_resolves_its_own_rank_count(mixed: list[Agent]) -> None:
         resolve_nproc("gpus", infos[0])
 
 
-@pytest.mark.skip(reason="launch integration pending (issue 22's layout first)")
 def test_nproc_per_node_gpu_gives_world_size_6(mixed: list[Agent], tmp_path: Path) -> None:
     out = tmp_path / "ranks"
     out.mkdir()
     script = tmp_path / "env_file.py"
     script.write_text(ENV_FILE)
+    events: list[str] = []
     with Cluster([a.address for a in mixed]) as cluster:
         result = cluster.launch(
             [sys.executable, str(script), str(out)],
-            nproc_per_node="gpu",  # type: ignore[typeddict-item]
+            nproc_per_node="gpu",
+            on_event=events.append,
         )
     assert result.world_size == 6
+    assert "6 ranks on 2 nodes (4+2 per node, " in events[0], events
     seen = {int(p.stem): json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(seen) == list(range(6))
     for rank, env in seen.items():
@@ -75,3 +78,42 @@ def test_nproc_per_node_gpu_gives_world_size_6(mixed: list[Agent], tmp_path: Pat
             "LOCAL_WORLD_SIZE": local_world,
             "GROUP_RANK": node,
         }
+
+
+def test_gpu_ranks_on_a_node_without_gpus_are_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    agent = Agent.adopt(start_local_agent(tmp_path / "node"))
+    try:
+        proc = subprocess.run(
+            [
+                RANKD_BIN,
+                "launch",
+                "--nodes",
+                agent.address,
+                "--nproc-per-node=gpu",
+                "--run-id=no-gpus",
+                "--",
+                sys.executable,
+                "-c",
+                "pass",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, proc.stderr
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("rankd: error:")]
+        assert "has no GPUs" in line and "give a number, or cpu" in line
+        with Cluster([agent.address]) as cluster:
+            assert cluster.list()[0].unwrap() == []  # nothing was started
+        bad = subprocess.run(
+            [RANKD_BIN, "launch", "--nodes", agent.address, "--numa-binding", "nodes", "--", "x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2
+        assert "invalid --numa-binding 'nodes': use one of node, socket" in bad.stderr
+    finally:
+        agent.stop()
