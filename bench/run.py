@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import psutil
 
-from bench import fleet, lifecycle, logs, stacks
+from bench import fleet, lifecycle, logs, scale, stacks
 from bench.config import Config
 from bench.harness import INTERVAL, Row, Scenario, format_value, progress, run_scenario
 
@@ -43,6 +43,7 @@ def all_scenarios(cfg: Config) -> list[Scenario]:
         *logs.scenarios(cfg),
         *fleet.scenarios(cfg),
         *stacks.scenarios(cfg),
+        *scale.scenarios(cfg),
     ]
 
 

@@ -128,7 +128,15 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = N
 
 
 class _Terminal:
-    """Writes rank lines, notices and (on a terminal) a live status line."""
+    """Writes rank lines, notices and (on a terminal) a live status line.
+
+    Lines into a file or pipe are flushed in batches, at most :data:`FLUSH_AFTER`
+    seconds after they were written (a flush per line was most of the cost of
+    ``rankd launch > file``); a switch between stdout and stderr flushes the other
+    first, so their order holds where both go to one place. On a terminal with a
+    status line, every line is flushed at once."""
+
+    FLUSH_AFTER = 0.05
 
     def __init__(self, stdout: IO[str], stderr: IO[str], live: bool) -> None:
         self.stdout = stdout
@@ -136,6 +144,8 @@ class _Terminal:
         self.live = live
         self._status = ""
         self._lock = threading.Lock()
+        self._dirty: IO[str] | None = None  # written to since its last flush
+        self._timer: threading.Timer | None = None
 
     def _clear(self) -> None:
         if self._status:
@@ -147,16 +157,42 @@ class _Terminal:
             self.stderr.flush()
 
     def line(self, out: OutputLine) -> None:
-        target = self.stderr if out.stream == "stderr" else self.stdout
+        self.text(out.stream, f"{out.prefix}{out.text}\n")
+
+    def text(self, stream: str, text: str) -> None:
+        """Rendered lines (``prefix + text + "\\n"`` each) of one stream."""
+        target = self.stderr if stream == "stderr" else self.stdout
         with self._lock:
-            self._clear()
-            self.stderr.flush()
-            target.write(f"{out.prefix}{out.text}\n")
-            target.flush()
-            self._draw()
+            if self.live:
+                self._clear()
+                self.stderr.flush()
+                target.write(text)
+                target.flush()
+                self._draw()
+                return
+            if self._dirty is not None and self._dirty is not target:
+                self._dirty.flush()
+            target.write(text)
+            self._dirty = target
+            if self._timer is None:
+                self._timer = threading.Timer(self.FLUSH_AFTER, self._flush_later)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush_later(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._flush()
+
+    def _flush(self) -> None:
+        """Under the lock: what was written reaches its file."""
+        if self._dirty is not None:
+            self._dirty.flush()
+            self._dirty = None
 
     def event(self, message: str) -> None:
         with self._lock:
+            self._flush()
             self._clear()
             self.stderr.write(f"rankd: {message}\n")
             self.stderr.flush()
@@ -170,6 +206,10 @@ class _Terminal:
 
     def finish(self) -> None:
         with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._flush()
             self._clear()
             self._status = ""
             self.stderr.flush()
@@ -223,6 +263,9 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 lease=args.lease,
                 detach=args.detach,
                 hang_timeout=args.hang_timeout,
+                numa_binding=args.numa_binding or "",
+                cpu_bind=args.cpu_bind or "",
+                nnodes=args.nnodes,
                 on_line=terminal.line,
                 on_event=terminal.event,
                 on_progress=terminal.progress if terminal.live else None,

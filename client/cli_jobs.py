@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -149,12 +150,61 @@ def _rank_line(status: Any, rank: Any) -> str:
     return text
 
 
+#: Jobs of at most this many ranks get a line per node and per rank by default; larger
+#: ones a line per group of alike nodes (``--verbose``/``--ranks`` for the detail).
+DETAIL_RANKS = 16
+
+
+def _node_key(status: Any) -> tuple[Any, ...]:
+    """What makes two nodes' lines alike: job state, reason, rank states, rank count."""
+    states = sorted(collections.Counter(r.state for r in status.ranks).items())
+    return (status.state, status.reason, status.nprocs, tuple(states))
+
+
+def _group_line(node_ranks: Sequence[int], status: Any) -> str:
+    """``nodes 0-4094: RUNNING, 8 ranks each`` (or what differs among the ranks)."""
+    count = len(node_ranks)
+    where = (
+        f"node {node_ranks[0]}"
+        if count == 1
+        else f"nodes {format_ranks(node_ranks, limit=8)} ({count} nodes)"
+    )
+    each = " each" if count > 1 else ""
+    by_state = collections.Counter(r.state for r in status.ranks)
+    own = {agent_pb2.RUNNING: agent_pb2.RANK_RUNNING, agent_pb2.SUCCEEDED: agent_pb2.RANK_SUCCEEDED}
+    ranks = f"{status.nprocs} rank{'s' * (status.nprocs != 1)}{each}"
+    if set(by_state) != {own.get(status.state)}:
+        parts = sorted(by_state.items())
+        ranks += ": " + ", ".join(
+            f"{n} {str(agent_pb2.RankState.Name(s)).removeprefix('RANK_')}" for s, n in parts
+        )
+    reason = f" ({status.reason})" if status.reason else ""
+    return f"  {where}: {_state(status)}{reason}, {ranks}"
+
+
+def _folded(results: Sequence[NodeResult[Any]], names: Sequence[str]) -> list[str]:
+    """One line per group of alike nodes, then one per kind of error (O(nodes))."""
+    groups: dict[tuple[Any, ...], tuple[list[int], Any]] = {}
+    errors: dict[str, list[str]] = {}
+    for result in results:
+        if not result.ok:
+            errors.setdefault(str(result.error), []).append(names[result.node_rank])
+            continue
+        status = result.unwrap()
+        groups.setdefault(_node_key(status), ([], status))[0].append(result.node_rank)
+    lines = [_group_line(nodes, status) for nodes, status in groups.values()]
+    for why, where in errors.items():
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        lines.append(f"  {len(where)} node{'s' * (len(where) != 1)} ({shown}): {why}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     nodes = node_list(args, environ)
     with Cluster(nodes, **connection(args)) as cluster:
         if args.run_id is None:
             return _list_jobs(cluster.list(), cluster.names)
-        results = cluster.poll(args.run_id)
+        results = cluster.poll(args.run_id, fresh=True)  # one Poll each: no Watch to open and close
         clocks = [c.clock.best for c in cluster.clients]
     found = [r for r in results if r.ok]
     if not found:
@@ -165,22 +215,30 @@ def cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     overall = _overall([_state(s) for s in statuses])
     where = f"{world} rank{'s' * (world != 1)} on {len(found)} node{'s' * (len(found) != 1)}"
     print(f"job {args.run_id}: {overall}, attempt {attempt}, {where}")
+    show_ranks = args.ranks or world <= DETAIL_RANKS
+    per_node = show_ranks or args.verbose
+    if not per_node:
+        print("\n".join(_folded(results, cluster.names)))
     views: list[tuple[NodeView, Any]] = []
     for result in results:
         name = cluster.names[result.node_rank]
         if not result.ok:
-            print(f"  node {name}: {result.error}")
+            if per_node:
+                print(f"  node {name}: {result.error}")
             continue
         status = result.unwrap()
         offset, nprocs = status.spec.rank_offset, status.nprocs
         node_rank = offset // nprocs if nprocs else result.node_rank
-        ranks = format_ranks(range(offset, offset + nprocs))
-        reason = f" ({status.reason})" if status.reason else ""
-        print(
-            f"  node {name} (node rank {node_rank}, global ranks {ranks}): {_state(status)}{reason}"
-        )
-        for rank in status.ranks:
-            print(_rank_line(status, rank))
+        if per_node:
+            ranks = format_ranks(range(offset, offset + nprocs))
+            reason = f" ({status.reason})" if status.reason else ""
+            print(
+                f"  node {name} (node rank {node_rank}, global ranks {ranks}): "
+                f"{_state(status)}{reason}"
+            )
+        if show_ranks:
+            for rank in status.ranks:
+                print(_rank_line(status, rank))
         view = NodeView(str(result.node), name, node_rank, offset, clocks[result.node_rank])
         views.append((view, status))
     if any(status.failures for _, status in views):
@@ -259,8 +317,8 @@ async def _logs(args: argparse.Namespace, nodes: Sequence[Node]) -> int:
                 contains=args.grep,
                 restart_count=args.attempt,
             ) as lines:
-                async for line in lines:
-                    sys.stdout.write(f"{line.prefix}{line.text}\n")
+                async for chunk in lines.chunks():  # rendered a block at a time
+                    sys.stdout.write(chunk.text)
                 sys.stdout.flush()
 
         if args.follow:

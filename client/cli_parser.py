@@ -7,11 +7,14 @@ Parsing only: :mod:`rankd.client.cli_app` runs the command the parsed arguments 
 from __future__ import annotations
 
 import argparse
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import TypeAlias, TypeVar
 
 from rankd.client.liveness import DEFAULT_NODE_TIMEOUT
+from rankd.client.membership import parse_nnodes
 from rankd.client.nodes import DEFAULT_PORT
 from rankd.client.rpc import DEFAULT_TIMEOUT
+from rankd.client.topology import parse_cpu_bind, parse_nproc, parse_numa_binding
 from rankd.client.torchrun import DEFAULT_LEASE, DEFAULT_PREFIX_TEMPLATE
 
 __all__ = ["build_parser"]
@@ -23,6 +26,9 @@ examples:
 
   # nodes of the Slurm allocation (SLURM_JOB_NODELIST), agents on the default port
   rankd launch --nproc-per-node 8 --max-restarts 2 -- python3 train.py --epochs 10
+
+  # elastic: 3 nodes run the job, the 4th is a spare; down to 2 nodes if none is left
+  rankd launch --nodes node[01-04] --nnodes 2:3 --max-restarts 3 -- python3 train.py
 
   # a hostfile (one host[:port] per line), only local rank 0 on the terminal
   rankd launch --hostfile hosts.txt --nproc-per-node 8 --local-ranks-filter 0 -- ./bench
@@ -63,6 +69,21 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+T = TypeVar("T")
+
+
+def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError with a full sentence."""
+
+    def check(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return check
+
+
 def _rank_list(text: str) -> list[int]:
     """``0,2,4-7`` -> [0, 2, 4, 5, 6, 7]."""
     ranks: list[int] = []
@@ -72,6 +93,13 @@ def _rank_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected ranks like 0,2,4-7, not {text!r}")
         ranks.extend(range(int(lo), int(hi if dash else lo) + 1))
     return ranks
+
+
+def _nnodes(text: str) -> tuple[int, int]:
+    try:
+        return parse_nnodes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -186,10 +214,31 @@ def _add_launch(sub: _Commands) -> None:
     _add_node_args(launch)
     job = launch.add_argument_group("job")
     _add_job_args(job)
+    _add_binding_args(job)
     _add_rank_env_args(job)
     _add_liveness_args(launch.add_argument_group("lost nodes and launchers"))
     _add_output_args(launch.add_argument_group("output (as torchrun)"))
     launch.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+
+def _add_binding_args(job: argparse._ArgumentGroup) -> None:
+    """Where ranks run on a node: torchrun's NUMA binding, srun's CPU binding."""
+    job.add_argument(
+        "--numa-binding",
+        "--numa_binding",
+        type=_checked(parse_numa_binding),
+        metavar="MODE",
+        help="bind each rank to the CPUs near its GPU (local rank i uses GPU i), as "
+        "torchrun's --numa-binding: node, socket, exclusive or core-complex; without GPUs, "
+        "ranks spread over the NUMA nodes in order. Applied by the agents, no numactl",
+    )
+    job.add_argument(
+        "--cpu-bind",
+        type=_checked(parse_cpu_bind),
+        metavar="BIND",
+        help="pin ranks to CPUs as srun --cpu-bind: none, cores, map_cpu:0,2,... "
+        "(a CPU per local rank) or mask_cpu:0x3,... (a mask per local rank)",
+    )
 
 
 def _add_job_args(job: argparse._ArgumentGroup) -> None:
@@ -197,10 +246,21 @@ def _add_job_args(job: argparse._ArgumentGroup) -> None:
     job.add_argument(
         "--nproc-per-node",
         "--nproc_per_node",
-        type=int,
+        type=_checked(parse_nproc),
         default=1,
         metavar="N",
-        help="local ranks per node (default: %(default)s)",
+        help="Number of workers per node; supported values: [auto, cpu, gpu, int]. "
+        "gpu: the node's GPUs; cpu: its usable CPUs; auto: its GPUs if it has any, else "
+        "its CPUs; each node's agent reports its own, so nodes may run different numbers "
+        "of ranks (default: %(default)s)",
+    )
+    job.add_argument(
+        "--nnodes",
+        type=_nnodes,
+        metavar="NNODES",
+        help="Number of nodes, or the range of nodes in form <minimum_nodes>:<maximum_nodes>. "
+        "Nodes listed beyond the maximum are spares: a lost node is replaced by a spare, "
+        "or the job goes on with fewer nodes, down to the minimum (default: every node)",
     )
     job.add_argument(
         "--run-id",
@@ -214,7 +274,8 @@ def _add_job_args(job: argparse._ArgumentGroup) -> None:
         type=int,
         default=0,
         metavar="K",
-        help="on failure, stop every node and restart the job up to K times (default: 0)",
+        help="Maximum number of worker group restarts before failing: on a failure (a "
+        "rank's, or a lost node's), stop every node and restart the job (default: 0)",
     )
     job.add_argument(
         "--master-addr",
@@ -332,11 +393,16 @@ def _add_status(sub: _Commands) -> None:
         sub,
         "status",
         "state of a job on every node (or every job, without RUN_ID)",
-        "Show a job's state on every node, per rank; the failure report when it "
-        "failed. Without RUN_ID, list the jobs the agents hold.",
+        "Show a job's state: a line per group of alike nodes ('nodes 0-4094: RUNNING, "
+        "8 ranks each'; a line per node and rank for jobs of up to 16 ranks), and the "
+        "failure report when it failed. Without RUN_ID, list the jobs the agents hold.",
         _examples("rankd status --nodes node[01-02] my-run", "rankd status"),
     )
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    status.add_argument("--verbose", "-v", action="store_true", help="a line per node")
+    status.add_argument(
+        "--ranks", action="store_true", help="a line per node and per rank (pid, exit, RSS, CPU)"
+    )
     _add_node_args(status)
 
 

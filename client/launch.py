@@ -112,12 +112,6 @@ class _Launch:
         self.world_size = membership.world_size
         self._prefixes.clear()
 
-    def _binding(self) -> str:
-        cfg = self.config
-        if cfg.numa_binding:
-            return f", numa binding {cfg.numa_binding}"
-        return f", cpu bind {cfg.cpu_bind}" if cfg.cpu_bind else ""
-
     def rank_offset(self, node_rank: int) -> int:
         return self.membership.members[node_rank].rank_offset
 
@@ -179,8 +173,7 @@ class _Launch:
         """The spec of group rank ``node_rank`` in the current membership."""
         cfg = self.config
         layout = self.membership
-        nproc = layout.members[node_rank].nproc
-        restart_count = layout.restart_count
+        nproc, offset = layout.members[node_rank].nproc, layout.members[node_rank].rank_offset
         common, per_rank = torchrun_env(
             node_rank=node_rank,
             nnodes=self.nnodes,
@@ -188,11 +181,11 @@ class _Launch:
             master_addr=layout.master_addr,
             master_port=layout.master_port,
             run_id=self.run_id,
-            restart_count=restart_count,
+            restart_count=layout.restart_count,
             max_restarts=cfg.max_restarts,
             role_name=cfg.role_name,
             env=cfg.env,
-            rank_offset=self.rank_offset(node_rank),
+            rank_offset=offset,
             world_size=self.world_size,
         )
         spec = agent_pb2.JobSpec(
@@ -206,7 +199,7 @@ class _Launch:
             cpu_bind=cfg.cpu_bind,
             cwd=cfg.cwd,
             role_name=cfg.role_name,
-            restart_count=restart_count,
+            restart_count=layout.restart_count,
             redirects=cfg.redirects,
             tee=cfg.tee,
             local_ranks_filter=list(cfg.local_ranks_filter),
@@ -214,7 +207,7 @@ class _Launch:
             log_line_prefix_template=self.template.replace(
                 "${host}", self.cluster.names[node_rank]
             ),
-            rank_offset=self.rank_offset(node_rank),
+            rank_offset=offset,
             kill_timeout=cfg.kill_timeout,
             lease=0.0 if cfg.detach else cfg.lease,
         )
@@ -378,7 +371,7 @@ class _Launch:
         self.event(
             f"attempt {restart_count}: starting job {self.run_id}, "
             f"{count(self.world_size, 'rank')} on {count(self.nnodes, 'node')} "
-            f"({self.membership.counts()}{self._binding()}, {self.membership.master()})"
+            f"({self.membership.counts()}{_binding(self.config)}, {self.membership.master()})"
         )
         await self.start()
         for watch in self.cluster.node_watches(self.run_id):
@@ -400,3 +393,9 @@ async def run_launch(cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -
     client's token, TLS settings or permissions), ``JobFailed`` when the job failed.
     """
     return await _Launch(cluster, config, hooks).run()
+
+
+def _binding(cfg: LaunchConfig) -> str:
+    if cfg.numa_binding:
+        return f", numa binding {cfg.numa_binding}"
+    return f", cpu bind {cfg.cpu_bind}" if cfg.cpu_bind else ""

@@ -189,10 +189,12 @@ class FailureGroup:
 
     @property
     def nodes(self) -> list[str]:
-        return sorted({f.node for f in self.failures}, key=lambda n: self._node_rank(n))
-
-    def _node_rank(self, name: str) -> int:
-        return min(f.node_rank for f in self.failures if f.node == name)
+        """The nodes of the group by node rank: one pass, whatever the number of ranks."""
+        first: dict[str, int] = {}
+        for f in self.failures:
+            if f.node_rank < first.get(f.node, f.node_rank + 1):
+                first[f.node] = f.node_rank
+        return sorted(first, key=first.__getitem__)
 
     def line(self) -> str:
         """``global ranks 4-127 (host03, host04): Signal 15 (SIGTERM)``."""

@@ -2,7 +2,9 @@
 
 :class:`LogStream` / :class:`AsyncLogStream` iterate a job's ``LogLine`` messages
 and reconnect after UNAVAILABLE, resuming from the cursors of the lines already
-received, so every line arrives exactly once. :class:`StatusWatch` /
+received, so every line arrives exactly once; ``chunks()`` gives the same lines
+already rendered (``prefix + text + "\n"``), a block at a time, for consumers that print
+them (a ``LogLine`` message per line costs ten times the rendering). :class:`StatusWatch` /
 :class:`AsyncStatusWatch` iterate ``WatchResponse`` messages without reconnecting
 (a new watch starts with the full status). What the two faces share (request,
 cursors, backoff, unpacking) lives in one place; each face only waits its own way.
@@ -15,6 +17,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Self, TypedDict
 
 import grpc
@@ -29,7 +32,9 @@ __all__ = [
     "LogStream",
     "StatusWatch",
     "StreamOptions",
+    "TextChunk",
     "follow_to_end",
+    "render_block",
     "stream_kind",
     "unpack_block",
 ]
@@ -98,6 +103,30 @@ def unpack_block(block: agent_pb2.LogBlock) -> list[agent_pb2.LogLine]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """Consecutive lines of one rank's stream, each rendered ``prefix + text + "\n"``
+    (as ``rankd logs`` prints them); ``count`` lines in ``text``."""
+
+    local_rank: int
+    stream: int
+    text: str
+    count: int
+
+
+def render_block(block: agent_pb2.LogBlock) -> str:
+    """A ``LogBlock``'s lines, each ``prefix + text + "\n"``: the same text as its
+    ``unpack_block`` lines give, decoded as a whole (a newline never sits inside a
+    UTF-8 sequence, so line by line and all at once decode alike)."""
+    text = block.data.decode("utf-8", errors="replace")
+    if block.partial:
+        return f"{block.prefix}{text}\n"
+    text = text[: text.rfind("\n") + 1]  # as unpack_block: nothing after the last newline
+    if not text or not block.prefix:
+        return text
+    return block.prefix + text[:-1].replace("\n", "\n" + block.prefix) + "\n"
+
+
 def stream_kind(stream: str | int) -> int:
     """``"stdout"``/``"stderr"`` (or the enum value) -> ``StreamKind``."""
     if isinstance(stream, int):
@@ -134,7 +163,8 @@ class _StreamState:
         self.offsets: dict[tuple[int, int], int] = {
             (c.local_rank, c.stream): c.offset for c in options.get("resume", ())
         }
-        self.pending: deque[agent_pb2.LogLine] = deque()
+        self.pending: deque[Any] = deque()  # LogLines, or TextChunks when `rendered`
+        self.rendered = False
         self.final: agent_pb2.JobStatus | None = None
         self.done = False
 
@@ -170,11 +200,20 @@ class _StreamState:
         self.restart_count = resp.restart_count
         for line in resp.lines:
             self.offsets[(line.local_rank, line.stream)] = line.offset
-            self.pending.append(line)
+            if self.rendered:
+                text = f"{line.prefix}{line.text}\n"
+                self.pending.append(TextChunk(line.local_rank, line.stream, text, 1))
+            else:
+                self.pending.append(line)
         for block in resp.blocks:
-            lines = unpack_block(block)
-            self.offsets[(block.local_rank, block.stream)] = lines[-1].offset
-            self.pending.extend(lines)
+            # the cursor after a block's last line: its end (a partial one has no newline)
+            self.offsets[(block.local_rank, block.stream)] = block.offset + len(block.data)
+            if self.rendered:
+                text = render_block(block)
+                count = block.count or 1
+                self.pending.append(TextChunk(block.local_rank, block.stream, text, count))
+            else:
+                self.pending.extend(unpack_block(block))
         # An answer means the connection works again: the retry budget is per outage.
         self.backoff_step = 0
         self.retries_left = self.retries
@@ -299,10 +338,23 @@ class LogStream(_Lines, _SyncCall, Iterator[agent_pb2.LogLine]):
         return self
 
     def __next__(self) -> agent_pb2.LogLine:
+        if not self._fill():
+            raise StopIteration
+        return self._state.pending.popleft()
+
+    def chunks(self) -> Iterator[TextChunk]:
+        """The same lines as :class:`TextChunk` (rendered, a block at a time); use
+        instead of iterating the stream, not beside it."""
+        self._state.rendered = True
+        while self._fill():
+            yield self._state.pending.popleft()
+
+    def _fill(self) -> bool:
+        """Wait until something is pending: False when the stream is done."""
         state = self._state
         while not state.pending:
             if state.done or self._closed:
-                raise StopIteration
+                return False
             if self._call is None:
                 self._call = self._open()
             try:
@@ -311,7 +363,7 @@ class LogStream(_Lines, _SyncCall, Iterator[agent_pb2.LogLine]):
                 time.sleep(self._lost(None))
             except grpc.RpcError as err:
                 time.sleep(self._lost(err))
-        return state.pending.popleft()
+        return True
 
     def drain(self) -> agent_pb2.JobStatus | None:
         """Read to the end and close; ``final``."""
@@ -330,10 +382,21 @@ class AsyncLogStream(_Lines, _AsyncCall, AsyncIterator[agent_pb2.LogLine]):
         return self
 
     async def __anext__(self) -> agent_pb2.LogLine:
+        if not await self._fill():
+            raise StopAsyncIteration
+        return self._state.pending.popleft()
+
+    async def chunks(self) -> AsyncIterator[TextChunk]:
+        """The asyncio twin of :meth:`LogStream.chunks`."""
+        self._state.rendered = True
+        while await self._fill():
+            yield self._state.pending.popleft()
+
+    async def _fill(self) -> bool:
         state = self._state
         while not state.pending:
             if state.done or self._closed:
-                raise StopAsyncIteration
+                return False
             if self._call is None:
                 self._call = self._open()
                 self._iter = self._call.__aiter__()
@@ -343,7 +406,7 @@ class AsyncLogStream(_Lines, _AsyncCall, AsyncIterator[agent_pb2.LogLine]):
                 await asyncio.sleep(self._lost(None))
             except grpc.RpcError as err:
                 await asyncio.sleep(self._lost(err))
-        return state.pending.popleft()
+        return True
 
     async def drain(self) -> agent_pb2.JobStatus | None:
         """Read to the end and close; ``final``."""
