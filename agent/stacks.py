@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import psutil
+
+from rankd.agent import rankfiles
 
 __all__ = [
     "Children",
@@ -339,12 +340,12 @@ def _tail(path: str) -> tuple[float, bytes] | None:
     """(mtime, last bytes) of a regular file, never following a link or opening a FIFO
     that a rank may have put in its place."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        fd = rankfiles.open_regular(path)
+    except OSError:  # missing, or not a regular file (NotRegularFile)
         return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        if info.st_size == 0:
             return None
         start = max(0, info.st_size - _TAIL_BYTES)
         return info.st_mtime, os.pread(fd, info.st_size - start, start)

@@ -173,6 +173,14 @@ def format_ranks(ranks: Iterable[int], *, limit: int | None = None) -> str:
     return ",".join(ranges)
 
 
+def ranks_on_nodes(ranks: Sequence[int], nodes: Sequence[str]) -> str:
+    """``global ranks 4-127 (host03, host04, +2 more nodes)``: short at any size."""
+    shown = ", ".join(nodes[:_MAX_HOSTS])
+    if len(nodes) > _MAX_HOSTS:
+        shown += f", +{len(nodes) - _MAX_HOSTS} more nodes"
+    return f"global ranks {format_ranks(ranks, limit=_MAX_RANGES)} ({shown})"
+
+
 @dataclass(frozen=True)
 class FailureGroup:
     """Identical failures (same fold key) of one or more ranks."""
@@ -204,10 +212,7 @@ class FailureGroup:
             where += f"{first.local_rank}, pid {first.pid})"
         else:
             nodes = self.nodes
-            shown = ", ".join(nodes[:_MAX_HOSTS])
-            if len(nodes) > _MAX_HOSTS:
-                shown += f", +{len(nodes) - _MAX_HOSTS} more nodes"
-            where = f"global ranks {format_ranks(self.ranks, limit=_MAX_RANGES)} ({shown})"
+            where = ranks_on_nodes(self.ranks, nodes)
         return f"{where}: {first.summary()}"
 
 

@@ -12,12 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankd.client.report import format_ranks
+from rankd.client.report import ranks_on_nodes
 
 __all__ = ["FoldedStacks", "RankSample", "StackGroup", "fold_stacks"]
 
-_MAX_HOSTS = 4
-_MAX_RANGES = 8
 Frame = tuple[str, str, int]  # function, file, line
 
 
@@ -154,12 +152,9 @@ def _details(samples: Sequence[RankSample], limit: int) -> list[str]:
 
 
 def _where(ranks: Sequence[int], nodes: Sequence[str]) -> str:
-    shown = ", ".join(nodes[:_MAX_HOSTS])
-    if len(nodes) > _MAX_HOSTS:
-        shown += f", +{len(nodes) - _MAX_HOSTS} more nodes"
     if len(ranks) == 1:
-        return f"global rank {ranks[0]} ({shown})"
-    return f"global ranks {format_ranks(ranks, limit=_MAX_RANGES)} ({shown})"
+        return f"global rank {ranks[0]} ({', '.join(nodes)})"
+    return ranks_on_nodes(ranks, nodes)
 
 
 def _count(n: int, word: str) -> str:
