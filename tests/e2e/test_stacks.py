@@ -262,3 +262,34 @@ def test_an_agent_without_a_sampler_says_how_to_install_one(tmp_path: Path) -> N
     finally:
         _stop(launch)
         agent.stop()
+
+
+def test_native_frames_and_the_sample_timeout_flag(agent: Agent, tmp_path: Path) -> None:
+    script = write(tmp_path, "sleeper.py", SLEEPER)
+    launch = start_launch([agent], script, "native", ranks_per_node=1)
+    try:
+
+        def stacks(*flags: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [RANKD_BIN, "stacks", "native", "--nodes", agent.address, *flags],
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+
+        def functions(out: subprocess.CompletedProcess[str]) -> set[str]:
+            assert out.returncode == 0, out.stderr + out.stdout
+            groups = json.loads(out.stdout)["groups"]
+            return {f["function"] for g in groups for f in g["frames"]}
+
+        python_only = functions(stacks("--json"))
+        assert "wait_here" in python_only and "time_sleep" not in python_only
+        native = functions(stacks("--json", "--native", "--sample-timeout", "60"))
+        assert {"wait_here", "time_sleep"} <= native  # the C function under time.sleep
+        bad = stacks("--sample-timeout", "0")
+        assert bad.returncode == 2
+        assert (
+            bad.stderr.strip() == "rankd: error: --sample-timeout must be between 0 and 300 seconds"
+        )
+    finally:
+        _stop(launch)
