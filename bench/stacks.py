@@ -3,16 +3,15 @@ what a user has without rankd, py-spy run on each rank's pid one after the other
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from bench.agents import Agent, job_id, launch_agents, make_spec, stop_all, wait_exec
+from bench.agents import Agent, job_id, launch_agents, make_spec, stop_all, wait_files
 from bench.config import Config, ms
 from bench.harness import RowSpec, Samples, Scenario, Target
-from bench.workers import PYTHON, SLEEP, python_args
+from bench.workers import PYTHON, SLEEP_READY, python_args
 from rankd.agent.stacks import find_sampler
 
 __all__ = ["scenarios"]
@@ -38,12 +37,17 @@ def _stacks(cfg: Config) -> Scenario:
             raise RuntimeError("py-spy is not installed: pip install 'rankd[stacks]'")
         agents = launch_agents(cfg.scratch("agents"), nodes, prefix="stacks")
         state = _Job(agents, job_id("stacks"))
+        ready = cfg.scratch("stacks-ready")
+        for stale in ready.iterdir():
+            stale.unlink()
         try:
             for i, agent in enumerate(agents):
-                spec = make_spec(state.job, per_node, PYTHON, python_args(SLEEP, 3600))
+                spec = make_spec(state.job, per_node, PYTHON, python_args(SLEEP_READY, ready, 3600))
                 spec.rank_offset = i * per_node  # global ranks as a launch gives them
                 state.pids += [r.pid for r in agent.start(spec).ranks]
-            wait_exec(state.pids, os.path.basename(PYTHON)[:15])  # comm: 15 chars at most
+            # Every interpreter is up and in its sleep (not still importing), so every
+            # rank's stack is the same line and the fold is one group.
+            wait_files(ready, ranks)
             state.cluster = Cluster([a.address for a in agents])
         except BaseException:
             stop_all(agents)
@@ -61,9 +65,15 @@ def _stacks(cfg: Config) -> Scenario:
         t0 = perf_counter()
         folded = state.cluster.stacks(state.job)
         took = perf_counter() - t0
-        (group,) = folded.groups  # every rank sleeps in the same line
-        if group.ranks != list(range(ranks)) or folded.unsampled or folded.node_errors:
-            raise RuntimeError(f"stacks: not every rank sampled: {folded.lines()}")
+        # Every rank sleeps in the same line: one group holding every rank.
+        groups = folded.groups
+        if (
+            len(groups) != 1
+            or groups[0].ranks != list(range(ranks))
+            or folded.unsampled
+            or folded.node_errors
+        ):
+            raise RuntimeError(f"stacks: not one group of every rank: {folded.lines()}")
         return {"stacks": [ms(took)]}
 
     def serial(state: _Job) -> Samples:
