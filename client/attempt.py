@@ -19,7 +19,7 @@ from rankd.client.membership import Membership
 from rankd.client.nodes import Node
 from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
 from rankd.client.results import NodeResult
-from rankd.client.streams import StreamOptions
+from rankd.client.streams import StreamOptions, TextChunk
 from rankd.client.torchrun import LaunchConfig, LaunchHooks, Progress
 from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
@@ -73,6 +73,8 @@ class Host(Protocol):
     def event(self, message: str) -> None: ...
 
     def emit(self, node_rank: int, line: agent_pb2.LogLine, restart_count: int) -> None: ...
+
+    def emit_text(self, chunk: TextChunk) -> None: ...
 
     def stream_options(self, restart_count: int) -> StreamOptions: ...
 
@@ -140,10 +142,16 @@ class Attempt:
             options = self.launch.stream_options(self.restart_count)
             watch = self.hang_watch
             async with client.stream(self.launch.run_id, **options) as lines:
-                async for line in lines:
-                    if watch is not None:
-                        watch.saw_output()
-                    self.launch.emit(i, line, self.restart_count)
+                if self.launch.hooks.on_line is None:  # rendered: no object per line
+                    async for chunk in lines.chunks():
+                        if watch is not None:
+                            watch.saw_output()
+                        self.launch.emit_text(chunk)
+                else:
+                    async for line in lines:
+                        if watch is not None:
+                            watch.saw_output()
+                        self.launch.emit(i, line, self.restart_count)
                 self.finals[i] = lines.final
         except AgentError as err:
             # a stream that gave up: the node is lost, unless liveness said so first
@@ -220,7 +228,10 @@ class Attempt:
         )
 
     async def renew(self) -> None:
-        """Renew the lease on every node not lost, every third of the lease."""
+        """Renew the lease on every node not lost, every third of the lease. The first
+        round goes at once: on connections that are up by then, its answers give each
+        node's clock a tighter estimate than the launch's first Info (which paid for
+        the connection) could."""
         lease = self.launch.config.lease
         if lease <= 0:
             return

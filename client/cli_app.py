@@ -46,7 +46,7 @@ from rankd.client.errors import (
     RankdError,
     refusal,
 )
-from rankd.client.torchrun import OutputLine, Progress
+from rankd.client.torchrun import Progress
 
 __all__ = [
     "EXIT_AUTH",
@@ -156,9 +156,6 @@ class _Terminal:
             self.stderr.write(self._status)
             self.stderr.flush()
 
-    def line(self, out: OutputLine) -> None:
-        self.text(out.stream, f"{out.prefix}{out.text}\n")
-
     def text(self, stream: str, text: str) -> None:
         """Rendered lines (``prefix + text + "\\n"`` each) of one stream."""
         target = self.stderr if stream == "stderr" else self.stdout
@@ -266,7 +263,7 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 numa_binding=args.numa_binding or "",
                 cpu_bind=args.cpu_bind or "",
                 nnodes=args.nnodes,
-                on_line=terminal.line,
+                on_text=terminal.text,
                 on_event=terminal.event,
                 on_progress=terminal.progress if terminal.live else None,
             )

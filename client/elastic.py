@@ -196,7 +196,6 @@ class Elastic:
                 self.event(
                     f"node {self.fleet.names[r.node_rank]} does not answer, left out: {r.error}"
                 )
-        await self.fleet.info()  # a second round trip: a tighter clock estimate
         ok = [r for r in answers if r.ok][:high]
         self.answers = {r.node_rank: r.unwrap() for r in ok}
         return self.lay_out(0, [r.node_rank for r in ok], ok[0].unwrap().free_port)

@@ -61,7 +61,7 @@ from rankd.client.errors import (
 )
 from rankd.client.membership import Membership
 from rankd.client.report import FailureReport
-from rankd.client.streams import StreamOptions, follow_to_end
+from rankd.client.streams import StreamOptions, TextChunk, follow_to_end
 from rankd.client.torchrun import (
     DEFAULT_PREFIX_TEMPLATE,
     LaunchConfig,
@@ -162,9 +162,21 @@ class _Launch:
                 )
             )
             return
+        self.write(stream, f"{prefix}{line.text}\n")
+
+    def emit_text(self, chunk: TextChunk) -> None:
+        """Rendered lines of one rank's stream (``on_text``, or the default output)."""
+        stream = "stderr" if chunk.stream == agent_pb2.STDERR else "stdout"
+        if self.visible(chunk.local_rank, stream):
+            self.write(stream, chunk.text)
+
+    def write(self, stream: str, text: str) -> None:
         hooks = self.hooks
+        if hooks.on_text is not None:
+            hooks.on_text(stream, text)
+            return
         out = (hooks.stderr or sys.stderr) if stream == "stderr" else (hooks.stdout or sys.stdout)
-        out.write(f"{prefix}{line.text}\n")
+        out.write(text)
         out.flush()
 
     # -- specs ----------------------------------------------------------------

@@ -231,6 +231,10 @@ class LaunchHooks:
 
     ``on_line`` gets every terminal-visible :class:`OutputLine` (default: write
     ``prefix + text`` to ``stdout``/``stderr``, the process's own by default);
+    ``on_text``, used only without ``on_line``, gets the same lines already rendered,
+    a batch of one rank's stream at a time: ``(stream, text)``, ``text`` being
+    ``prefix + line + "\n"`` per line (the fast way to pass output on: no object per
+    line);
     ``on_event`` one-line notices (attempt started, failure, restart; default: the
     launch module's logger); ``on_progress`` a :class:`Progress` every
     ``progress_interval`` seconds; ``on_membership`` a
@@ -239,6 +243,7 @@ class LaunchHooks:
     """
 
     on_line: Callable[[OutputLine], None] | None = None
+    on_text: Callable[[str, str], None] | None = None
     on_event: Callable[[str], None] | None = None
     on_membership: Callable[[MembershipChange], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
@@ -271,6 +276,7 @@ class LaunchOptions(TypedDict, total=False):
     numa_binding: str
     cpu_bind: str
     on_line: Callable[[OutputLine], None] | None
+    on_text: Callable[[str, str], None] | None
     on_event: Callable[[str], None] | None
     on_membership: Callable[[MembershipChange], None] | None
     on_progress: Callable[[Progress], None] | None
