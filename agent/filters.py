@@ -222,10 +222,11 @@ async def filtered(
     batches: AsyncIterator[list[Any]], line_filter: LineFilter | None
 ) -> AsyncIterator[list[Any]]:
     """`batches` (of a `LogReader`) through `line_filter` (None: as they are), without
-    the batches left empty; closes `batches` when closed."""
+    the batches it left empty (an empty batch from the reader, a heartbeat, passes);
+    closes `batches` when closed."""
     try:
         async for batch in batches:
-            if line_filter is not None:
+            if line_filter is not None and batch:
                 batch = await line_filter.apply(batch)
                 if not batch:
                     continue

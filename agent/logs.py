@@ -28,11 +28,13 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, NamedTuple
+from typing import Any
 
+from rankd.agent.logrecords import Block, Chunk, LogLine, Notice
 from rankd.agent.rankfiles import MAX_OFFSET, NotRegularFile, open_regular, regular_size
 
 __all__ = [
@@ -79,51 +81,6 @@ class Pulse:
         future, self._future = self._future, None
         if future is not None and not future.done():
             future.set_result(None)
-
-
-class LogLine(NamedTuple):
-    local_rank: int
-    stream: int
-    offset: int  # byte offset just after the line: the resume cursor
-    text: str
-    partial: bool = False
-
-
-class Block(NamedTuple):
-    """Consecutive lines of one file: the unit readers pass around, so that a batch
-    costs a few objects instead of one per line."""
-
-    local_rank: int
-    stream: int
-    texts: list[str]
-    offsets: list[int]  # per line: byte offset just after it (its resume cursor)
-    partial: bool = False  # every line here is a cut chunk or a last line without newline
-
-    def lines(self) -> Iterator[LogLine]:
-        for text, offset in zip(self.texts, self.offsets, strict=True):
-            yield LogLine(self.local_rank, self.stream, offset, text, self.partial)
-
-
-class Chunk(NamedTuple):
-    """Consecutive lines of one file as raw bytes (packed streams): `nlines` lines, each
-    ending with a newline unless `partial` (then `data` is one line without it)."""
-
-    local_rank: int
-    stream: int
-    offset: int  # where `data` starts in the file
-    data: bytes
-    nlines: int
-    partial: bool = False
-
-
-class Notice(NamedTuple):
-    """The agent's word about one (rank, stream) file instead of its lines: `text` says
-    why it is not read; `offset` is the cursor where reading stopped."""
-
-    local_rank: int
-    stream: int
-    offset: int
-    text: str
 
 
 @dataclass
@@ -378,10 +335,13 @@ class LogReader:
         max_batch_bytes: int = MAX_BATCH_BYTES,
         packed: bool = False,
         notices: bool = False,
+        heartbeat: float = 0.0,
     ) -> None:
         """`packed`: `blocks()` yields Chunks (raw bytes), not Blocks; no line_filter.
         `notices`: `blocks()` also yields, in batches of their own, a `Notice` for each
-        file it does not read (not a regular file); it is noted in `logs` either way."""
+        file it does not read (not a regular file); it is noted in `logs` either way.
+        `heartbeat` (seconds, with `follow`): `blocks()` yields an empty batch when it
+        yielded nothing for that long."""
         if packed and line_filter is not None:
             raise ValueError("a packed reader cannot filter lines")
         cursors = cursors or {}
@@ -392,6 +352,7 @@ class LogReader:
         self._max_batch = max_batch_bytes
         self.packed = packed
         self._notices: list[Notice] | None = [] if notices else None
+        self._heartbeat = heartbeat
         self._next = 0  # round-robin start, so one busy file cannot starve the others
 
     def _read_round(self) -> tuple[list[Any], int]:
@@ -438,6 +399,7 @@ class LogReader:
     async def blocks(self) -> AsyncIterator[list[Any]]:
         """Batches of Blocks (Chunks if packed), each batch at most MAX_BATCH_LINES
         lines."""
+        sent = time.monotonic()
         try:
             while True:
                 wake = self._logs.pulse.future()
@@ -446,8 +408,10 @@ class LogReader:
                 if self._notices:
                     yield self._notices
                     self._notices = []
+                    sent = time.monotonic()
                 for part in _split(batch, MAX_BATCH_LINES):
                     yield part
+                    sent = time.monotonic()
                 if nbytes:
                     continue
                 if ended or not self._follow:
@@ -459,9 +423,17 @@ class LogReader:
                         if tail:
                             yield tail
                     return
+                if self._heartbeat:
+                    # counted from the last batch, not from the last wake: other
+                    # ranks' output wakes this reader without giving it anything
+                    left = sent + self._heartbeat - time.monotonic()
+                    if left <= 0 or not (await asyncio.wait({wake}, timeout=left))[0]:
+                        yield []  # a heartbeat
+                        sent = time.monotonic()
+                    continue
                 # shielded: the pulse's future is shared by every reader of the attempt,
                 # and a reader cancelled while it waits (its client went away) would
-                # cancel it for all of them
+                # cancel it for all of them (asyncio.wait above never cancels it)
                 await asyncio.shield(wake)
         finally:
             for cursor in self._files:

@@ -53,6 +53,9 @@ __all__ = ["NodeAgentService"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds an Info reuses the topology it read (the affinity and GPUs can change).
+TOPOLOGY_TTL = 1.0
+
 _MAX_KILL_TIMEOUT = 3600.0
 _MAX_STACKS_TIMEOUT = 300.0
 
@@ -112,6 +115,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         self.stats = stats or StreamStats()
         self.sampler = sampler or Sampler(find_sampler(), children=supervisor.children)
         supervisor.exit_hooks.append(cache_ended_rank)
+        self._topology: tuple[float, pb.Topology] | None = None  # (read at, topology)
 
     def _status_of(self, err: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
         return _status_of(err, what, self._sup.log_dir)
@@ -130,7 +134,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         check_filters("duplicate_stdout_filters", request.spec.duplicate_stdout_filters)
         check_filters("duplicate_stderr_filters", request.spec.duplicate_stderr_filters)
         job, created = await self._sup.start(spec_from_pb(request.spec))
-        return pb.StartResponse(job=job_status(job), created=created)
+        return pb.StartResponse(job=job_status(job), created=created, agent_time=time.time())
 
     @_unary
     async def Poll(
@@ -172,8 +176,16 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             fd_hard_limit=hard,
             guardian_pid=sup.guardian_pid,
             guardian_restarts=sup.guardian_restarts,
-            topology=topology_to_pb(agent_source()),
+            topology=self._topology_now(),
         )
+
+    def _topology_now(self) -> pb.Topology:
+        """The node's topology, read again at most once per TOPOLOGY_TTL: a launch on
+        many nodes asks every agent at once, and reading /sys is most of an Info."""
+        now = time.monotonic()
+        if self._topology is None or now - self._topology[0] >= TOPOLOGY_TTL:
+            self._topology = (now, topology_to_pb(agent_source()))
+        return self._topology[1]
 
     @_unary
     async def Kill(
@@ -191,7 +203,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         )
         # a version names the current attempt's state; a newer attempt may have started
         version = job.version if attempt is job.current else 0
-        return pb.KillResponse(job=job_status(job, attempt), version=version)
+        return pb.KillResponse(
+            job=job_status(job, attempt), version=version, agent_time=time.time()
+        )
 
     @_unary
     async def Renew(
@@ -236,6 +250,9 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         stats.active += 1
         try:
             async for blocks in filtered(reader.blocks(), line_filter):
+                if not blocks:  # nothing for the heartbeat's time
+                    yield pb.StreamResponse(restart_count=count)
+                    continue
                 if isinstance(blocks[0], Notice):  # a file not read (see agent.logs)
                     yield notice_response(blocks, prefixes, count)
                     continue
@@ -345,6 +362,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             follow=request.follow,
             packed=request.packed and line_filter is None,
             notices=True,
+            heartbeat=check_heartbeat(request.heartbeat) if request.follow else 0.0,
         )
         return attempt, reader, line_filter
 

@@ -270,13 +270,13 @@ class HollowNode(pb_grpc.NodeAgentServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nprocs must be >= 1")
         job = self._job(spec.job_id)
         if job is not None and not (job.ended and spec.restart_count > job.spec.restart_count):
-            return pb.StartResponse(job=job.status, created=False)
+            return pb.StartResponse(job=job.status, created=False, agent_time=time.time())
         new = self._new(spec, plan)
         if job is not None:  # the next attempt: watchers of the old one see it
             new.version = job.version + 1
             job.bump()
         self.jobs[spec.job_id] = new
-        return pb.StartResponse(job=new.status, created=True)
+        return pb.StartResponse(job=new.status, created=True, agent_time=time.time())
 
     async def Poll(self, request: pb.PollRequest, context: Any) -> pb.PollResponse:
         job = self._job(request.job_id)
@@ -347,8 +347,13 @@ class HollowNode(pb_grpc.NodeAgentServicer):
                     start = cut
         if not request.follow:
             return
+        beat = request.heartbeat or None
         while not job.ended:
-            await job.changed.wait()
+            try:
+                async with asyncio.timeout(beat):
+                    await job.changed.wait()
+            except TimeoutError:  # a heartbeat, as the real agent sends
+                yield pb.StreamResponse(restart_count=job.spec.restart_count)
         yield pb.StreamResponse(end=True, job=job.status, restart_count=job.spec.restart_count)
 
     async def Kill(self, request: pb.KillRequest, context: Any) -> pb.KillResponse:
@@ -364,7 +369,7 @@ class HollowNode(pb_grpc.NodeAgentServicer):
                     self._exit(job, r, -signal.SIGTERM, by_agent=True, now=now)
             who = request.requester or context.peer()
             self._finish(job, pb.KILLED, f"killed by Kill(SIGTERM) from {who}", now)
-        return pb.KillResponse(job=job.status, version=job.version)
+        return pb.KillResponse(job=job.status, version=job.version, agent_time=time.time())
 
     async def Renew(self, request: pb.RenewRequest, context: Any) -> pb.RenewResponse:
         job = self._job(request.job_id)

@@ -17,9 +17,10 @@ from rankd.client.errors import AgentError, RankdError
 from rankd.client.hang import Hang, HangWatch
 from rankd.client.membership import Membership
 from rankd.client.nodes import Node
+from rankd.client.output import RankOutput
 from rankd.client.report import FailureReport, NodeLost, NodeView, RankFailure, build_report
 from rankd.client.results import NodeResult
-from rankd.client.streams import StreamOptions, TextChunk
+from rankd.client.streams import StreamOptions
 from rankd.client.torchrun import LaunchConfig, LaunchHooks, Progress
 from rankd.client.watches import NodeWatch
 from rankd.v1 import agent_pb2
@@ -53,6 +54,8 @@ class Fleet(Protocol):
 
     def node_watches(self, job_id: str) -> list[NodeWatch]: ...
 
+    def watches_of(self, job_id: str) -> list[NodeWatch] | None: ...
+
 
 class Host(Protocol):
     """What an attempt needs of the launch that runs it."""
@@ -64,6 +67,7 @@ class Host(Protocol):
     nnodes: int
     world_size: int
     interval: float
+    output: RankOutput
 
     @property
     def membership(self) -> Membership:
@@ -71,10 +75,6 @@ class Host(Protocol):
         ...
 
     def event(self, message: str) -> None: ...
-
-    def emit(self, node_rank: int, line: agent_pb2.LogLine, restart_count: int) -> None: ...
-
-    def emit_text(self, chunk: TextChunk) -> None: ...
 
     def stream_options(self, restart_count: int) -> StreamOptions: ...
 
@@ -91,9 +91,12 @@ class Attempt:
     """Following, watching and (on failure) stopping one attempt on every node.
 
     Liveness: a monitor checks every node each tick (:mod:`rankd.client.liveness`);
-    a lost node's follower is cancelled, the node is never called again, and the
-    stop of the job on the other nodes goes ahead without it. While the attempt
-    runs, its lease is renewed on every node that is not lost."""
+    every message of a node's log stream is a sign of life, and the agent sends a
+    heartbeat on it when the job is quiet, so no Watch is needed for that (watches
+    are opened only for progress, ``on_progress``). A lost node's follower is
+    cancelled, the node is never called again, and the stop of the job on the other
+    nodes goes ahead without it. While the attempt runs, its lease is renewed on
+    every node that is not lost."""
 
     def __init__(self, launch: Host, restart_count: int) -> None:
         self.launch = launch
@@ -111,6 +114,13 @@ class Attempt:
             HangWatch(self.cluster, launch.run_id, hang_timeout) if hang_timeout > 0 else None
         )
         self.hang: Hang | None = None
+        # progress needs every node's watch; else only watches a caller opened
+        run_id = launch.run_id
+        self.watches = (
+            self.cluster.node_watches(run_id)
+            if launch.hooks.on_progress is not None
+            else self.cluster.watches_of(run_id)
+        )
 
     def fail(self, why: str) -> None:
         if not self.failed.is_set():
@@ -146,12 +156,12 @@ class Attempt:
                     async for chunk in lines.chunks():
                         if watch is not None:
                             watch.saw_output()
-                        self.launch.emit_text(chunk)
+                        self.launch.output.chunk(chunk)
                 else:
                     async for line in lines:
                         if watch is not None:
                             watch.saw_output()
-                        self.launch.emit(i, line, self.restart_count)
+                        self.launch.output.line(i, line, self.restart_count)
                 self.finals[i] = lines.final
         except AgentError as err:
             # a stream that gave up: the node is lost, unless liveness said so first
@@ -192,7 +202,6 @@ class Attempt:
         """Liveness of every node still followed, and progress (from the watches)."""
         launch = self.launch
         node_timeout = self.cluster.node_timeout
-        watches = self.cluster.node_watches(launch.run_id)
         tick = min(0.25, node_timeout / 8)
         next_progress = time.monotonic() + launch.interval
         while True:
@@ -204,9 +213,10 @@ class Attempt:
                 if verdict is not None:
                     follower.cancel()
                     self.lose(i, *verdict)
-            if launch.hooks.on_progress is not None and time.monotonic() >= next_progress:
+            on_progress = launch.hooks.on_progress
+            if on_progress is not None and self.watches and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + launch.interval
-                launch.hooks.on_progress(self.progress(watches))
+                on_progress(self.progress(self.watches))
 
     def progress(self, watches: Sequence[NodeWatch]) -> Progress:
         counts = dict.fromkeys(range(5), 0)
@@ -228,10 +238,8 @@ class Attempt:
         )
 
     async def renew(self) -> None:
-        """Renew the lease on every node not lost, every third of the lease. The first
-        round goes at once: on connections that are up by then, its answers give each
-        node's clock a tighter estimate than the launch's first Info (which paid for
-        the connection) could."""
+        """Renew the lease on every node not lost, every third of the lease (the first
+        round a third of the lease after the start, which set it)."""
         lease = self.launch.config.lease
         if lease <= 0:
             return
@@ -244,9 +252,9 @@ class Attempt:
                 await self.cluster.clients[i].call(op)
 
         while True:
+            await asyncio.sleep(every)
             live = [i for i in range(self.launch.nnodes) if i not in self.lost]
             await asyncio.gather(*(one(i) for i in live))
-            await asyncio.sleep(every)
 
     async def watch_hang(self, watch: HangWatch) -> None:
         """Declare the job hung when no rank wrote for the hang timeout (the stacks are
@@ -269,7 +277,6 @@ class Attempt:
     async def run(self) -> tuple[agent_pb2.JobStatus, ...] | FailureReport:
         """Each node's final status when every rank succeeded, else the report."""
         n = self.launch.nnodes
-        self.cluster.node_watches(self.launch.run_id)  # heartbeats: signs of life
         followers = [asyncio.create_task(self.follow(i)) for i in range(n)]
         helpers = [
             asyncio.create_task(self.monitor(followers)),
@@ -297,10 +304,13 @@ class Attempt:
         return self.report()
 
     async def settle(self, timeout: float = 1.0) -> None:
-        """Wait (at most ``timeout`` s) until the watch of every node whose end this
-        attempt saw shows that end too, so that a ``poll`` after the launch reads it:
-        the watch's push and the log stream's end message travel apart."""
-        watches = self.cluster.node_watches(self.launch.run_id)
+        """Wait (at most ``timeout`` s) until the watch (if open) of every node whose
+        end this attempt saw shows that end too, so that a ``poll`` after the launch
+        reads it: the watch's push and the log stream's end message travel apart.
+        Without watches, a poll opens them and reads the end from the agents."""
+        watches = self.watches
+        if watches is None:
+            return
         deadline = time.monotonic() + timeout
 
         async def one(watch: NodeWatch) -> None:

@@ -220,6 +220,10 @@ class AsyncCluster:
         """The job's :class:`NodeWatch` per node, in node order (opened if needed)."""
         return self._watch(job_id)
 
+    def watches_of(self, job_id: str) -> builtins.list[NodeWatch] | None:
+        """The job's watches if they are open (None: they are not, and stay so)."""
+        return self._watches.get(job_id)
+
     def _watch(self, job_id: str) -> builtins.list[NodeWatch]:
         """The job's watches, opened on first use; the least recently used job's
         are dropped beyond MAX_WATCHED_JOBS. Their heartbeats come often enough for
@@ -228,11 +232,10 @@ class AsyncCluster:
         if watches is not None:
             self._watches.move_to_end(job_id)
             return watches
-        heartbeat = min(watch_defaults.HEARTBEAT, self.node_timeout / 4)
+        heartbeat = watch_defaults.heartbeat_for(self.node_timeout)
         stale = min(watch_defaults.STALE_AFTER, self.node_timeout)
         watches = [
-            NodeWatch(c, job_id, heartbeat=max(heartbeat, 0.1), stale_after=stale)
-            for c in self.clients
+            NodeWatch(c, job_id, heartbeat=heartbeat, stale_after=stale) for c in self.clients
         ]
         self._watches[job_id] = watches
         while len(self._watches) > MAX_WATCHED_JOBS:

@@ -72,6 +72,10 @@ class MemberFleet:
         watches = self._fleet.node_watches(job_id)
         return [watches[i] for i in self._indices]
 
+    def watches_of(self, job_id: str) -> list[NodeWatch] | None:
+        watches = self._fleet.watches_of(job_id)
+        return None if watches is None else [watches[i] for i in self._indices]
+
 
 async def probe(fleet: Fleet, indices: Sequence[int]) -> dict[int, Probe]:
     """``Info`` from the nodes at ``indices`` of ``fleet``, all at once, each within the

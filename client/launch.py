@@ -45,9 +45,7 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from collections.abc import Sequence
-from string import Template
 
 import rankd.client.rpc as rpc
 from rankd.client.attempt import Attempt, Fleet
@@ -60,26 +58,23 @@ from rankd.client.errors import (
     cluster_error,
 )
 from rankd.client.membership import Membership
+from rankd.client.output import RankOutput
 from rankd.client.report import FailureReport
-from rankd.client.streams import StreamOptions, TextChunk, follow_to_end
+from rankd.client.streams import StreamOptions, follow_to_end
 from rankd.client.torchrun import (
-    DEFAULT_PREFIX_TEMPLATE,
     LaunchConfig,
     LaunchHooks,
     LaunchResult,
-    OutputLine,
     new_run_id,
-    parse_std,
     torchrun_defaults,
     torchrun_env,
 )
+from rankd.client.watches import heartbeat_for
 from rankd.v1 import agent_pb2
 
 __all__ = ["Fleet", "run_launch"]
 
 logger = logging.getLogger(__name__)
-
-_STD_BITS = {"stdout": 1, "stderr": 2}
 
 
 class _Launch:
@@ -94,11 +89,8 @@ class _Launch:
         self.nnodes = len(cluster.nodes)
         self.world_size = 0  # known once the first membership is laid out (use())
         self.elastic = Elastic(cluster, config, self.event, hooks.on_membership)
-        self.template = config.log_line_prefix_template or DEFAULT_PREFIX_TEMPLATE
         self.interval = hooks.progress_interval if hooks.on_progress else 2.0
-        self._redirects = parse_std(config.redirects, "redirects")
-        self._tee = parse_std(config.tee, "tee")
-        self._prefixes: dict[tuple[int, int], str] = {}
+        self.output = RankOutput(config, hooks)
 
     @property
     def membership(self) -> Membership:
@@ -110,10 +102,7 @@ class _Launch:
         self.cluster = MemberFleet(self.fleet, membership)
         self.nnodes = membership.nnodes
         self.world_size = membership.world_size
-        self._prefixes.clear()
-
-    def rank_offset(self, node_rank: int) -> int:
-        return self.membership.members[node_rank].rank_offset
+        self.output.use(membership, self.cluster.names)
 
     # -- output ---------------------------------------------------------------
 
@@ -122,62 +111,6 @@ class _Launch:
             self.hooks.on_event(message)
         else:
             logger.info("%s", message)
-
-    def visible(self, local_rank: int, stream: str) -> bool:
-        """Does this rank's stream reach the terminal? (torchrun's rules)"""
-        ranks = self.config.local_ranks_filter
-        if ranks and local_rank not in ranks:
-            return False
-        bit = _STD_BITS[stream]
-        return not self._redirects(local_rank) & bit or bool(self._tee(local_rank) & bit)
-
-    def prefix(self, node_rank: int, local_rank: int) -> str:
-        key = (node_rank, local_rank)
-        if key not in self._prefixes:
-            self._prefixes[key] = Template(self.template).safe_substitute(
-                role_name=self.config.role_name,
-                rank=self.rank_offset(node_rank) + local_rank,
-                local_rank=local_rank,
-                host=self.cluster.names[node_rank],
-            )
-        return self._prefixes[key]
-
-    def emit(self, node_rank: int, line: agent_pb2.LogLine, restart_count: int) -> None:
-        stream = "stderr" if line.stream == agent_pb2.STDERR else "stdout"
-        if not self.visible(line.local_rank, stream):
-            return
-        prefix = self.prefix(node_rank, line.local_rank)
-        if self.hooks.on_line is not None:
-            self.hooks.on_line(
-                OutputLine(
-                    host=self.cluster.names[node_rank],
-                    node_rank=node_rank,
-                    global_rank=self.rank_offset(node_rank) + line.local_rank,
-                    local_rank=line.local_rank,
-                    stream=stream,
-                    text=line.text,
-                    prefix=prefix,
-                    partial=line.partial,
-                    restart_count=restart_count,
-                )
-            )
-            return
-        self.write(stream, f"{prefix}{line.text}\n")
-
-    def emit_text(self, chunk: TextChunk) -> None:
-        """Rendered lines of one rank's stream (``on_text``, or the default output)."""
-        stream = "stderr" if chunk.stream == agent_pb2.STDERR else "stdout"
-        if self.visible(chunk.local_rank, stream):
-            self.write(stream, chunk.text)
-
-    def write(self, stream: str, text: str) -> None:
-        hooks = self.hooks
-        if hooks.on_text is not None:
-            hooks.on_text(stream, text)
-            return
-        out = (hooks.stderr or sys.stderr) if stream == "stderr" else (hooks.stdout or sys.stdout)
-        out.write(text)
-        out.flush()
 
     # -- specs ----------------------------------------------------------------
 
@@ -216,7 +149,7 @@ class _Launch:
             tee=cfg.tee,
             local_ranks_filter=list(cfg.local_ranks_filter),
             # ${host} is ours; the agent renders the rest the same way.
-            log_line_prefix_template=self.template.replace(
+            log_line_prefix_template=self.output.template.replace(
                 "${host}", self.cluster.names[node_rank]
             ),
             rank_offset=offset,
@@ -229,11 +162,7 @@ class _Launch:
 
     def stream_options(self, restart_count: int) -> StreamOptions:
         """What a node's log stream of this attempt follows: the terminal's lines."""
-        streams = [
-            s
-            for s in ("stdout", "stderr")
-            if any(self.visible(r, s) for r in range(self.membership.max_nproc))
-        ]
+        streams = self.output.streams()
         options = (
             follow_to_end()  # nothing for the terminal: follow only for the end
             if not streams
@@ -242,6 +171,7 @@ class _Launch:
             )
         )
         options["restart_count"] = restart_count
+        options["heartbeat"] = heartbeat_for(self.cluster.node_timeout)  # a sign of life
         return options
 
     # -- the run ----------------------------------------------------------------
@@ -386,7 +316,7 @@ class _Launch:
             f"({self.membership.counts()}{_binding(self.config)}, {self.membership.master()})"
         )
         await self.start()
-        for watch in self.cluster.node_watches(self.run_id):
+        for watch in self.cluster.watches_of(self.run_id) or ():
             if not watch.live:  # a spare's watch backs off while it lacks the job
                 watch.kick()
         run = Attempt(self, restart_count)

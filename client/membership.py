@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = [
     "Member",
@@ -26,6 +27,9 @@ __all__ = [
     "layout",
     "parse_nnodes",
 ]
+
+#: Past this many members of different sizes, the launch line gives their range.
+_SPELLED_OUT = 8
 
 
 def parse_nnodes(value: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -76,19 +80,22 @@ class Membership:
     master_port: int
     outcome: str = ""
 
-    @property
+    @cached_property
     def max_nproc(self) -> int:
         """The most local ranks of any member."""
         return max((m.nproc for m in self.members), default=0)
 
     def counts(self) -> str:
-        """``4 ranks per node``, or ``4+4+2 ranks per node`` when members differ."""
+        """``4 per node``; when members differ ``4+4+2 per node``, or past
+        :data:`_SPELLED_OUT` members ``2 to 8 per node``."""
         nprocs = [m.nproc for m in self.members]
         if len(set(nprocs)) <= 1:
             return f"{nprocs[0] if nprocs else 0} per node"
+        if len(nprocs) > _SPELLED_OUT:
+            return f"{min(nprocs)} to {max(nprocs)} per node"
         return "+".join(map(str, nprocs)) + " per node"
 
-    @property
+    @cached_property
     def world_size(self) -> int:
         return sum(m.nproc for m in self.members)
 

@@ -91,14 +91,18 @@ class Unary(Generic[R]):
 
 
 def _agent_time(
-    resp: agent_pb2.PollResponse | agent_pb2.InfoResponse | agent_pb2.RenewResponse,
+    resp: agent_pb2.PollResponse
+    | agent_pb2.InfoResponse
+    | agent_pb2.RenewResponse
+    | agent_pb2.StartResponse
+    | agent_pb2.KillResponse,
 ) -> float:
-    return resp.agent_time
+    return resp.agent_time  # 0 from an agent older than the field: no sample
 
 
 def start(spec: agent_pb2.JobSpec) -> Unary[agent_pb2.StartResponse]:
-    """Start: idempotent on ``spec.job_id``."""
-    return Unary("Start", agent_pb2.StartRequest(spec=spec))
+    """Start: idempotent on ``spec.job_id``; the answer carries the agent's clock."""
+    return Unary("Start", agent_pb2.StartRequest(spec=spec), agent_time=_agent_time)
 
 
 def poll(job_id: str) -> Unary[agent_pb2.PollResponse]:
@@ -163,7 +167,7 @@ def kill(
     if timeout is not None:
         req.timeout = timeout
     wait = (_AGENT_KILL_TIMEOUT if timeout is None else timeout) if escalate else 0.0
-    return Unary("Kill", req, extra_timeout=wait, deadline=deadline)
+    return Unary("Kill", req, extra_timeout=wait, deadline=deadline, agent_time=_agent_time)
 
 
 def watch(job_id: str, *, until_ended: bool, heartbeat: float) -> agent_pb2.WatchRequest:

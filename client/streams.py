@@ -52,7 +52,9 @@ class StreamOptions(TypedDict, total=False):
     the job's ``local_ranks_filter``, else all); ``streams``: ``"stdout"``/``"stderr"``
     (empty = both); ``contains``/``regex`` (""): line filters; ``resume``: ``Cursor``s
     from an earlier stream; ``restart_count`` (None = the latest): the attempt to read;
-    ``timeout`` (None = none): overall deadline in seconds.
+    ``timeout`` (None = none): overall deadline in seconds; ``heartbeat`` (0 = none),
+    with ``follow``: seconds of silence after which the agent sends an empty message,
+    a sign of life for the client's liveness (never yielded as a line).
     """
 
     follow: bool
@@ -63,6 +65,7 @@ class StreamOptions(TypedDict, total=False):
     resume: Iterable[agent_pb2.Cursor]
     restart_count: int | None
     timeout: float | None
+    heartbeat: float
 
 
 def follow_to_end(timeout: float | None = None) -> StreamOptions:
@@ -155,6 +158,7 @@ class _StreamState:
         self.contains = options.get("contains", "")
         self.regex = options.get("regex", "")
         self.restart_count = options.get("restart_count")
+        self.heartbeat = options.get("heartbeat", 0.0)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.retries = retries
         self.retries_left = retries
@@ -178,6 +182,7 @@ class _StreamState:
             follow=self.follow,
             resume=self.cursors(),
             packed=True,  # the agent sends raw blocks, we split them (see take)
+            heartbeat=self.heartbeat,
         )
         if self.restart_count is not None:
             req.restart_count = self.restart_count

@@ -23,7 +23,7 @@ from rankd.client.agent_client import AsyncAgentClient
 from rankd.client.errors import AgentError, AgentTimeout, AgentUnavailable, RankdError
 from rankd.v1 import agent_pb2
 
-__all__ = ["HEARTBEAT", "MAX_BACKOFF", "STALE_AFTER", "NodeWatch", "ended"]
+__all__ = ["HEARTBEAT", "MAX_BACKOFF", "STALE_AFTER", "NodeWatch", "ended", "heartbeat_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ STALE_AFTER = 3 * HEARTBEAT
 #: Bounds of the reconnection backoff, seconds.
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
+
+
+def heartbeat_for(node_timeout: float) -> float:
+    """The heartbeat to ask of an agent (a Watch's or a follow Stream's) so that a
+    quiet node is heard from well within ``node_timeout``."""
+    return max(min(HEARTBEAT, node_timeout / 4), 0.1)
 
 
 def ended(status: agent_pb2.JobStatus) -> bool:

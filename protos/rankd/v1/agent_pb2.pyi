@@ -144,12 +144,14 @@ class StartRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class StartResponse(_message.Message):
-    __slots__ = ("job", "created")
+    __slots__ = ("job", "created", "agent_time")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
     job: JobStatus
     created: bool
-    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    agent_time: float
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., created: _Optional[bool] = ..., agent_time: _Optional[float] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("local_rank", "pid", "exit_code", "signal_name", "message", "error_file", "error_file_data", "traceback", "timestamp", "stderr_tail", "terminated_by_agent", "error_file_problem")
@@ -276,7 +278,7 @@ class Cursor(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., stream: _Optional[_Union[StreamKind, str]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("job_id", "ranks", "streams", "contains", "regex", "follow", "resume", "restart_count", "packed")
+    __slots__ = ("job_id", "ranks", "streams", "contains", "regex", "follow", "resume", "restart_count", "packed", "heartbeat")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +288,7 @@ class StreamRequest(_message.Message):
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ranks: _containers.RepeatedScalarFieldContainer[int]
     streams: _containers.RepeatedScalarFieldContainer[StreamKind]
@@ -295,7 +298,8 @@ class StreamRequest(_message.Message):
     resume: _containers.RepeatedCompositeFieldContainer[Cursor]
     restart_count: int
     packed: bool
-    def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
+    heartbeat: float
+    def __init__(self, job_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., streams: _Optional[_Iterable[_Union[StreamKind, str]]] = ..., contains: _Optional[str] = ..., regex: _Optional[str] = ..., follow: _Optional[bool] = ..., resume: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., restart_count: _Optional[int] = ..., packed: _Optional[bool] = ..., heartbeat: _Optional[float] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("local_rank", "stream", "offset", "text", "prefix", "partial", "notice")
@@ -384,12 +388,14 @@ class KillRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[str] = ..., timeout: _Optional[float] = ..., no_escalate: _Optional[bool] = ..., requester: _Optional[str] = ...) -> None: ...
 
 class KillResponse(_message.Message):
-    __slots__ = ("job", "version")
+    __slots__ = ("job", "version", "agent_time")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
     job: JobStatus
     version: int
-    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    agent_time: float
+    def __init__(self, job: _Optional[_Union[JobStatus, _Mapping]] = ..., version: _Optional[int] = ..., agent_time: _Optional[float] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("job_id",)

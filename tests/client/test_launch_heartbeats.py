@@ -1,0 +1,81 @@
+"""A launch hears its nodes through their log streams: the agents' stream heartbeats keep
+a quiet job's nodes alive with no Watch and no lease renewal, and watches are opened
+only for progress. Real agents, real ranks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.agents import Agent
+
+from rankd.client import AsyncCluster, Progress
+from rankd.v1 import agent_pb2 as pb
+
+# One line, then silence for argv[1] s: several node timeouts without a word.
+QUIET = """\
+import sys, time
+print("started", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+NODE_TIMEOUT = 1.0
+
+
+def _quiet(_: object) -> None:
+    pass
+
+
+@pytest.mark.timeout(60)
+def test_a_quiet_job_outlives_several_node_timeouts_without_watches(
+    nodes: list[Agent], tmp_path: Path
+) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET)
+    lines: list[str] = []
+
+    async def run() -> None:
+        async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
+            result = await cluster.launch(
+                [sys.executable, str(script), str(3.5 * NODE_TIMEOUT)],
+                nproc_per_node=1,
+                run_id="quiet",
+                lease=0,  # no renewals: only the stream speaks for a node
+                on_text=lambda stream, text: lines.append(text),
+                on_event=_quiet,
+            )
+            assert [s.state for s in result.statuses] == [pb.SUCCEEDED] * 2
+            assert cluster.watches_of("quiet") is None  # none opened by the launch
+            # a poll after the launch opens them and reads the end from the agents
+            polled = await cluster.poll("quiet")
+            assert [r.unwrap().state for r in polled] == [pb.SUCCEEDED] * 2
+
+    asyncio.run(run())
+    assert sorted(lines) == ["[default0]:started\n", "[default1]:started\n"]
+
+
+@pytest.mark.timeout(60)
+def test_progress_opens_the_watches_it_reads(nodes: list[Agent], tmp_path: Path) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET)
+    seen: list[Progress] = []
+
+    async def run() -> None:
+        async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
+            await cluster.launch(
+                [sys.executable, str(script), "1.5"],
+                nproc_per_node=2,
+                run_id="shown",
+                on_progress=seen.append,
+                progress_interval=0.2,
+                on_line=_quiet,
+                on_event=_quiet,
+            )
+            watches = cluster.watches_of("shown")
+            assert watches is not None and all(w.ended for w in watches)
+
+    asyncio.run(run())
+    assert any(p.running == 4 for p in seen), seen
+    assert all(p.world_size == 4 for p in seen)
