@@ -38,7 +38,6 @@ import rankd.client.rpc as rpc
 import rankd.client.watches as watch_defaults
 from rankd.client.agent_client import DEFAULT_TIMEOUT, AsyncAgentClient
 from rankd.client.errors import AgentTimeout, AgentUnavailable, NodeLostError, RankdError
-from rankd.client.launch import run_launch
 from rankd.client.liveness import DEFAULT_NODE_TIMEOUT, check_node_timeout
 from rankd.client.loop_thread import LoopThread
 from rankd.client.nodes import Node, parse_nodes
@@ -348,6 +347,10 @@ class AsyncCluster:
         included: ``report.root_node``), ``JobKilled`` when another client killed it.
         """
         config, hooks = launch_settings(cmd, options)
+        # imported here: the launch's machinery is a third of what `rankd status` or
+        # `rankd logs` would import for nothing
+        from rankd.client.launch import run_launch
+
         return await run_launch(self, config, hooks)
 
     async def close(self) -> None:
@@ -458,6 +461,8 @@ class Cluster:
     def launch(self, cmd: Sequence[str], **options: Unpack[LaunchOptions]) -> LaunchResult:
         """Blocking :meth:`AsyncCluster.launch`; launch callbacks run on the loop
         thread. Ctrl-C kills the job everywhere, then raises ``KeyboardInterrupt``."""
+        from rankd.client.launch import run_launch  # see AsyncCluster.launch
+
         config, hooks = launch_settings(cmd, options)
         return self._runner.run(
             run_launch(self._async, config, hooks),
