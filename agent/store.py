@@ -41,6 +41,7 @@ FORMAT = 1
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 #: How a restored attempt that was running when its agent died explains its end.
 LOST = "the agent stopped while this attempt ran"
+_MAX_CPU = 1 << 16  # CPU numbers (and how many a rank is pinned to) in a record
 
 
 class JobStore:
@@ -227,6 +228,7 @@ def _attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
                 "terminated_by_agent": r.terminated_by_agent,
                 # shallow: a Failure is not changed once made
                 "failure": dict(vars(r.failure)) if r.failure else None,
+                **({"cpus": list(r.cpus)} if r.cpus else {}),  # pinned: RankStatus.cpus
             }
             for r in attempt.ranks
         ],
@@ -264,6 +266,15 @@ def _attempt_from_dict(data: dict[str, Any], job: Job) -> Attempt:
     return attempt
 
 
+def _cpus(value: Any) -> tuple[int, ...]:
+    """A rank's recorded CPUs; ValueError (the record is skipped) for anything else."""
+    if not isinstance(value, list | tuple) or len(value) > _MAX_CPU:
+        raise ValueError(f"cpus: {value!r:.80}")
+    if not all(type(c) is int and 0 <= c < _MAX_CPU for c in value):
+        raise ValueError(f"cpus: {value!r:.80}")
+    return tuple(value)
+
+
 def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
     local_rank = int(item["local_rank"])
     failure = item.get("failure")
@@ -279,6 +290,7 @@ def _rank_from_dict(item: dict[str, Any], logs: AttemptLogs) -> Rank:
         exit_code=None if exit_code is None else int(exit_code),
         state=RankState(item["state"]),
         terminated_by_agent=bool(item.get("terminated_by_agent")),
+        cpus=_cpus(item.get("cpus", ())),
         failure=(
             _failure_from_dict(failure, local_rank, logs.error_file(local_rank))
             if failure

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers.agents import Agent
+from helpers.agents import Agent, start_agent
 from helpers.fake_topology import PCI_BUSES, FakeMachine, node_cpus
 from helpers.wait import wait_until
 
@@ -351,3 +351,22 @@ def test_the_client_checks_numa_modes_and_counts() -> None:
     for bad in ("0", "-1", "GPU", "", "1.5"):
         with pytest.raises(TopologyError, match="use auto, gpu, cpu or a number"):
             parse_nproc(bad)
+
+
+@pytest.mark.skipif(0 not in os.sched_getaffinity(0), reason="CPU 0 is not ours to pin to")
+def test_a_ranks_cpus_survive_an_agent_restart(tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    noop = tmp_path / "noop.py"
+    noop.write_text("pass\n")
+    agent = start_agent(log_dir)
+    try:
+        status = run(agent, str(noop), "pinned", 2, cpu_bind="map_cpu:0")
+        assert [list(r.cpus) for r in status.ranks] == [[0], [0]]
+    finally:
+        agent.stop()
+    again = start_agent(log_dir)  # reads the job back from its job.json
+    try:
+        restored = again.stub.Poll(pb.PollRequest(job_id="pinned"), timeout=5).job
+        assert [list(r.cpus) for r in restored.ranks] == [[0], [0]]
+    finally:
+        again.stop()
