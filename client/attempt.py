@@ -199,17 +199,26 @@ class Attempt:
         return f"job {state} on {name}" + (f" ({final.reason})" if final.reason else "")
 
     async def monitor(self, followers: list[asyncio.Task[None]]) -> None:
-        """Liveness of every node still followed, and progress (from the watches)."""
+        """Liveness of every node still followed, and progress (from the watches).
+
+        A tick that comes late means this loop was starved (thousands of nodes' messages
+        at once, a slow ``on_text``): what the nodes sent meanwhile waits unread, so
+        their silence is counted again from the end of the stall, not held against them.
+        """
         launch = self.launch
         node_timeout = self.cluster.node_timeout
         tick = min(0.25, node_timeout / 8)
         next_progress = time.monotonic() + launch.interval
+        since = self.began
         while True:
+            due = time.monotonic() + tick
             await asyncio.sleep(tick)
+            if time.monotonic() - due > tick:
+                since = time.monotonic()
             for i, follower in enumerate(followers):
                 if i in self.lost or follower.done():
                     continue
-                verdict = self.cluster.clients[i].liveness.verdict(node_timeout, since=self.began)
+                verdict = self.cluster.clients[i].liveness.verdict(node_timeout, since=since)
                 if verdict is not None:
                     follower.cancel()
                     self.lose(i, *verdict)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,34 @@ def test_progress_opens_the_watches_it_reads(nodes: list[Agent], tmp_path: Path)
     asyncio.run(run())
     assert any(p.running == 4 for p in seen), seen
     assert all(p.world_size == 4 for p in seen)
+
+
+@pytest.mark.timeout(60)
+def test_a_starved_client_does_not_hold_its_own_stall_against_the_nodes(
+    nodes: list[Agent], tmp_path: Path
+) -> None:
+    # The hook blocks the client's loop for 2.5 node timeouts on the first line (a slow
+    # terminal; thousands of nodes' messages at once do the same): the nodes' heartbeats
+    # wait unread meanwhile, which is not their silence.
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET)
+    calls: list[str] = []
+
+    def slow(stream: str, text: str) -> None:
+        calls.append(text)
+        if len(calls) == 1:
+            time.sleep(2.5 * NODE_TIMEOUT)
+
+    async def run() -> None:
+        async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
+            result = await cluster.launch(
+                [sys.executable, str(script), str(4 * NODE_TIMEOUT)],
+                nproc_per_node=1,
+                run_id="starved",
+                on_text=slow,
+                on_event=_quiet,
+            )
+            assert [s.state for s in result.statuses] == [pb.SUCCEEDED] * 2
+
+    asyncio.run(run())
+    assert len(calls) == 2
