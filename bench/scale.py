@@ -239,11 +239,6 @@ with Cluster(open(sys.argv[1]).read().split()) as cluster:
 """
 
 
-# A launch keeps the client's loop busy for seconds at 4,096 nodes: with the default
-# node timeout (10 s) it judged quiet nodes lost (see docs/performance.md)
-_NODE_TIMEOUT = 60.0
-
-
 def _hollow(cfg: Config) -> Scenario:
     nodes, nprocs = cfg.pick(4096, 16), 8
 
@@ -277,7 +272,7 @@ def _hollow(cfg: Config) -> Scenario:
         from rankd.client import Cluster
 
         run = job_id("scale-launch")
-        with Cluster(state.fleet.addresses, node_timeout=_NODE_TIMEOUT) as cluster:
+        with Cluster(state.fleet.addresses) as cluster:
             c0, t0 = time.process_time(), time.time()
             cluster.launch(
                 ["hollow", "run=1"],
@@ -309,7 +304,7 @@ def _hollow(cfg: Config) -> Scenario:
 
         after = f"fail_after={state.launch_s + 1.0:.1f}"  # once every node runs
         with (
-            Cluster(state.fleet.addresses, node_timeout=_NODE_TIMEOUT) as cluster,
+            Cluster(state.fleet.addresses) as cluster,
             contextlib.suppress(JobFailed),
         ):
             cluster.launch(
