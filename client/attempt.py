@@ -203,22 +203,25 @@ class Attempt:
 
         A tick that comes late means this loop was starved (thousands of nodes' messages
         at once, a slow ``on_text``): what the nodes sent meanwhile waits unread, so
-        their silence is counted again from the end of the stall, not held against them.
+        their silence is counted again from the end of the stall, not held against them
+        (a refused or reset connection still counts at once).
         """
         launch = self.launch
         node_timeout = self.cluster.node_timeout
         tick = min(0.25, node_timeout / 8)
         next_progress = time.monotonic() + launch.interval
-        since = self.began
+        quiet_from = 0.0
         while True:
             due = time.monotonic() + tick
             await asyncio.sleep(tick)
             if time.monotonic() - due > tick:
-                since = time.monotonic()
+                quiet_from = time.monotonic()
             for i, follower in enumerate(followers):
                 if i in self.lost or follower.done():
                     continue
-                verdict = self.cluster.clients[i].liveness.verdict(node_timeout, since=since)
+                verdict = self.cluster.clients[i].liveness.verdict(
+                    node_timeout, since=self.began, quiet_from=quiet_from
+                )
                 if verdict is not None:
                     follower.cancel()
                     self.lose(i, *verdict)

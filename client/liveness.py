@@ -94,16 +94,23 @@ class Liveness:
         self.down_details = details
 
     def verdict(
-        self, node_timeout: float, *, since: float = 0.0, grace: float = REFUSED_GRACE
+        self,
+        node_timeout: float,
+        *,
+        since: float = 0.0,
+        grace: float = REFUSED_GRACE,
+        quiet_from: float = 0.0,
     ) -> tuple[str, float] | None:
         """``(why, when)`` if the node is lost, counting from monotonic time ``since``
         (when the caller began relying on it); ``when`` is the wall-clock time it went
-        silent or down. None while it is alive."""
+        silent or down. None while it is alive. ``quiet_from``: silence counts from
+        then at the earliest (the caller could not read what came before: its own
+        stall); a refused or reset connection is evidence all the same."""
         now = time.monotonic()
         if self.down_since is not None and now - max(self.down_since, since) >= grace:
             why = f"{_cause(self.down_details)} (retried for {grace:g} s: {self.down_details})"
             return why, self.down_since_wall
-        if now - max(self.last_heard, since) >= node_timeout:
+        if now - max(self.last_heard, since, quiet_from) >= node_timeout:
             when = self.last_heard_wall if self.last_heard >= since else time.time() - node_timeout
             return f"no answer for {node_timeout:g} s", when
         return None

@@ -155,6 +155,14 @@ def test_liveness_rules() -> None:
     assert why == "no answer for 0 s"
     # silence counts from when the caller began relying on the node
     assert live.verdict(1.0, since=time.monotonic()) is None
+    # ... and not across the caller's own stall; a refused connection counts all the same
+    stalled = Liveness()
+    stalled.last_heard -= 5.0
+    assert stalled.verdict(1.0) is not None
+    assert stalled.verdict(1.0, quiet_from=time.monotonic()) is None
+    stalled.broke("UNAVAILABLE", "Connection refused")
+    why, _ = stalled.verdict(1.0, grace=0.0, quiet_from=time.monotonic()) or ("", 0.0)
+    assert why.startswith("connection refused")
 
 
 # -- the report's rules (pure) ------------------------------------------------------
