@@ -29,18 +29,24 @@ def _quiet(_: object) -> None:
     pass
 
 
+@pytest.fixture
+def quiet_script(tmp_path: Path) -> Path:
+    """QUIET, written out."""
+    path = tmp_path / "quiet.py"
+    path.write_text(QUIET)
+    return path
+
+
 @pytest.mark.timeout(60)
 def test_a_quiet_job_outlives_several_node_timeouts_without_watches(
-    nodes: list[Agent], tmp_path: Path
+    nodes: list[Agent], quiet_script: Path
 ) -> None:
-    script = tmp_path / "quiet.py"
-    script.write_text(QUIET)
     lines: list[str] = []
 
     async def run() -> None:
         async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
             result = await cluster.launch(
-                [sys.executable, str(script), str(3.5 * NODE_TIMEOUT)],
+                [sys.executable, str(quiet_script), str(3.5 * NODE_TIMEOUT)],
                 nproc_per_node=1,
                 run_id="quiet",
                 lease=0,  # no renewals: only the stream speaks for a node
@@ -58,15 +64,13 @@ def test_a_quiet_job_outlives_several_node_timeouts_without_watches(
 
 
 @pytest.mark.timeout(60)
-def test_progress_opens_the_watches_it_reads(nodes: list[Agent], tmp_path: Path) -> None:
-    script = tmp_path / "quiet.py"
-    script.write_text(QUIET)
+def test_progress_opens_the_watches_it_reads(nodes: list[Agent], quiet_script: Path) -> None:
     seen: list[Progress] = []
 
     async def run() -> None:
         async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
             await cluster.launch(
-                [sys.executable, str(script), "1.5"],
+                [sys.executable, str(quiet_script), "1.5"],
                 nproc_per_node=2,
                 run_id="shown",
                 on_progress=seen.append,
@@ -84,13 +88,11 @@ def test_progress_opens_the_watches_it_reads(nodes: list[Agent], tmp_path: Path)
 
 @pytest.mark.timeout(60)
 def test_a_starved_client_does_not_hold_its_own_stall_against_the_nodes(
-    nodes: list[Agent], tmp_path: Path
+    nodes: list[Agent], quiet_script: Path
 ) -> None:
     # The hook blocks the client's loop for 2.5 node timeouts on the first line (a slow
     # terminal; thousands of nodes' messages at once do the same): the nodes' heartbeats
     # wait unread meanwhile, which is not their silence.
-    script = tmp_path / "quiet.py"
-    script.write_text(QUIET)
     calls: list[str] = []
 
     def slow(stream: str, text: str) -> None:
@@ -101,7 +103,7 @@ def test_a_starved_client_does_not_hold_its_own_stall_against_the_nodes(
     async def run() -> None:
         async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
             result = await cluster.launch(
-                [sys.executable, str(script), str(4 * NODE_TIMEOUT)],
+                [sys.executable, str(quiet_script), str(4 * NODE_TIMEOUT)],
                 nproc_per_node=1,
                 run_id="starved",
                 on_text=slow,
