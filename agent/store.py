@@ -268,9 +268,8 @@ def _attempt_from_dict(data: dict[str, Any], job: Job) -> Attempt:
 
 def _cpus(value: Any) -> tuple[int, ...]:
     """A rank's recorded CPUs; ValueError (the record is skipped) for anything else."""
-    if not isinstance(value, list | tuple) or len(value) > _MAX_CPU:
-        raise ValueError(f"cpus: {value!r:.80}")
-    if not all(type(c) is int and 0 <= c < _MAX_CPU for c in value):
+    well_formed = isinstance(value, list | tuple) and len(value) <= _MAX_CPU
+    if not (well_formed and all(type(c) is int and 0 <= c < _MAX_CPU for c in value)):
         raise ValueError(f"cpus: {value!r:.80}")
     return tuple(value)
 
