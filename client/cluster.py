@@ -267,13 +267,14 @@ class AsyncCluster:
         async def one(i: int) -> agent_pb2.JobStatus:
             watch = watches[i]
             liveness = self.clients[i].liveness
+            quiet_from = 0.0  # a stall of this loop is not the node's silence
             while True:
                 if watch.live and watch.ended:
                     return watch.snapshot()
                 error = watch.error
                 if error is not None and not isinstance(error, AgentUnavailable | AgentTimeout):
                     raise error
-                verdict = liveness.verdict(self.node_timeout, since=began)
+                verdict = liveness.verdict(self.node_timeout, since=began, quiet_from=quiet_from)
                 if verdict is not None:
                     raise NodeLostError(self._loss(i, watch, *verdict))
                 left = None if deadline is None else deadline - time.monotonic()
@@ -283,7 +284,11 @@ class AsyncCluster:
                         "DEADLINE_EXCEEDED",
                         f"job {job_id!r} did not end within {timeout:g}s",
                     )
-                await watch.changed(_TICK if left is None else min(left, _TICK))
+                waited = _TICK if left is None else min(left, _TICK)
+                due = time.monotonic() + waited
+                await watch.changed(waited)
+                if time.monotonic() - due > _TICK:
+                    quiet_from = time.monotonic()
 
         return await self._each(one)
 

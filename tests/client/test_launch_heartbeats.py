@@ -113,3 +113,32 @@ def test_a_starved_client_does_not_hold_its_own_stall_against_the_nodes(
 
     asyncio.run(run())
     assert len(calls) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_does_not_hold_its_own_loops_stall_against_the_nodes(
+    nodes: list[Agent], quiet_script: Path
+) -> None:
+    # A coordinator's own code blocks the loop for 2.5 node timeouts while it waits on a
+    # quiet job: the watches' heartbeats wait unread meanwhile, which is not the nodes'
+    # silence.
+    async def block_once() -> None:
+        await asyncio.sleep(0.3)
+        time.sleep(2.5 * NODE_TIMEOUT)
+
+    async def run() -> list[int]:
+        async with AsyncCluster([n.address for n in nodes], node_timeout=NODE_TIMEOUT) as cluster:
+            for client in cluster.clients:
+                spec = pb.JobSpec(
+                    job_id="waited",
+                    nprocs=1,
+                    entrypoint=sys.executable,
+                    args=[str(quiet_script), str(4 * NODE_TIMEOUT)],
+                )
+                await client.start(spec)
+            blocker = asyncio.create_task(block_once())
+            ended = await cluster.wait("waited", timeout=30)
+            await blocker
+            return [r.unwrap().state for r in ended]
+
+    assert asyncio.run(run()) == [pb.SUCCEEDED] * 2
