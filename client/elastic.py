@@ -132,7 +132,8 @@ def root_line(report: FailureReport) -> str:
 class Elastic:
     """The membership side of one launch: the layout of each attempt, their history,
     the check of every node after a failed attempt, and the next attempt's members.
-    ``event`` takes one-line notices; ``on_membership`` each change."""
+    ``event`` takes one-line notices; ``on_membership`` each change. ValueError when
+    ``nnodes`` asks for more nodes (MIN) than the cluster lists."""
 
     def __init__(
         self,
@@ -147,6 +148,9 @@ class Elastic:
         self.on_membership = on_membership
         total = len(fleet.nodes)
         self.limits = (total, total) if config.nnodes is None else parse_nnodes(config.nnodes)
+        if self.limits[0] > total:  # bad input: say so before anything starts
+            low, high = self.limits
+            raise ValueError(f"--nnodes {low}:{high} needs at least {low} nodes, {total} listed")
         self.membership = Membership(0, (), "", 0)
         self.history: list[Membership] = []
         self.answers: dict[int, Probe] = {}  # the last check of every node, by index

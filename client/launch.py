@@ -332,7 +332,8 @@ async def run_launch(cluster: Fleet, config: LaunchConfig, hooks: LaunchHooks) -
 
     Raises ``ClusterError`` when a node cannot be reached or refuses the job
     (``AuthenticationFailed``, a ``ClusterError``, when a node refused this
-    client's token, TLS settings or permissions), ``JobFailed`` when the job failed.
+    client's token, TLS settings or permissions), ``JobFailed`` when the job failed,
+    ``ValueError`` (nothing started) when ``nnodes`` asks for more nodes than listed.
     """
     return await _Launch(cluster, config, hooks).run()
 

@@ -3,12 +3,15 @@ next attempt's members, the per-attempt layout and the torchrun variables it giv
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.agents import PYTHON, agents, closed_port
+from helpers.agents import PYTHON, RANKD_BIN, agents, closed_port
 
 from rankd.client import Cluster, ClusterError, OutputLine
 from rankd.client.cli_parser import build_parser
@@ -43,6 +46,29 @@ def test_cli_nnodes_flag() -> None:
     assert parser.parse_args(["launch", "--", "true"]).nnodes is None
     with pytest.raises(SystemExit):
         parser.parse_args(["launch", "--nnodes", "3:2", "--", "true"])
+
+
+def test_launch_help_uses_torchruns_words() -> None:
+    """`rankd launch --help` gives --nnodes and --max-restarts torchrun's own help text
+    (then says what is rankd's), and torchrun's spellings of the flags."""
+    run = pytest.importorskip("torch.distributed.run", reason="compares with torchrun's help")
+    torch_help = {a.dest: a for a in run.get_args_parser()._actions}
+    ours = {a.dest: a for a in _launch_parser()._actions}
+    shown = " ".join(
+        subprocess.run(
+            [RANKD_BIN, "launch", "--help"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    for dest in ("nnodes", "max_restarts"):
+        words = " ".join(str(torch_help[dest].help).split()).rstrip(".")
+        assert set(torch_help[dest].option_strings) <= set(ours[dest].option_strings), dest
+        assert " ".join(str(ours[dest].help).split()).startswith(words), dest
+        assert re.search(re.escape(words) + r"[.:]", shown), (dest, shown)
+
+
+def _launch_parser() -> argparse.ArgumentParser:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["launch"]
 
 
 def test_config_normalises_nnodes() -> None:
@@ -140,6 +166,36 @@ def test_fewer_than_min_at_start_is_an_error(tmp_path: Path) -> None:
             assert jobs == []
 
 
+def test_min_beyond_the_listed_nodes_is_refused(tmp_path: Path) -> None:
+    """--nnodes 3 over 2 nodes is bad input: refused before anything starts (Python:
+    ValueError; CLI: exit 2 with the reason), never run on the 2 nodes there are."""
+    with agents(tmp_path, 2) as nodes, Cluster([a.address for a in nodes]) as cluster:
+        with pytest.raises(ValueError, match=r"--nnodes 3:4 needs at least 3 nodes, 2 listed"):
+            cluster.launch([PYTHON, "-c", WHO], nnodes=(3, 4), on_event=lambda m: None)
+        cli = subprocess.run(
+            [
+                RANKD_BIN,
+                "launch",
+                "--nodes",
+                ",".join(a.address for a in nodes),
+                "--nnodes",
+                "3",
+                "--",
+                PYTHON,
+                "-c",
+                WHO,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_NODELIST"},
+        )
+        assert cli.returncode == 2, cli.stderr
+        assert "--nnodes 3:3 needs at least 3 nodes, 2 listed" in cli.stderr
+        assert "node " not in cli.stdout
+        assert [r.unwrap() for r in cluster.list()] == [[], []]
+
+
 FAIL_ONCE = """\
 import os, sys, time
 rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
@@ -189,3 +245,28 @@ def test_the_check_before_a_restart_finds_a_silent_node(tmp_path: Path) -> None:
         "rank 0 of 2 ok in attempt 1",
         "rank 1 of 2 ok in attempt 1",
     ]
+
+
+def test_a_rank_failure_restarts_on_the_same_nodes(tmp_path: Path) -> None:
+    """--nnodes 1:2 over 3 healthy agents: rank 0 fails in attempt 0 (a rank failure, not
+    a node's); attempt 1 runs on the same two nodes in the same order, no membership
+    change is announced and the spare never gets the job."""
+    script = tmp_path / "fail_once.py"
+    script.write_text(FAIL_ONCE)
+    changes: list[MembershipChange] = []
+    events: list[str] = []
+    with agents(tmp_path, 3) as nodes, Cluster([a.address for a in nodes], node_timeout=3) as c:
+        result = c.launch(
+            [PYTHON, str(script)],
+            nnodes=(1, 2),
+            max_restarts=1,
+            on_event=events.append,
+            on_membership=changes.append,
+        )
+        spare_jobs = c.list()[2].unwrap()
+    first, second = result.memberships
+    assert first.indices == second.indices == [0, 1], events
+    assert first.outcome.startswith("failed: global rank 0 on "), first.outcome
+    assert second.outcome == "succeeded" and result.restart_count == 1
+    assert changes == [] and not [e for e in events if " joined" in e or " left (" in e]
+    assert list(spare_jobs) == []
