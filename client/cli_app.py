@@ -46,6 +46,7 @@ from rankd.client.errors import (
     RankdError,
     refusal,
 )
+from rankd.client.membership import format_history
 from rankd.client.torchrun import Progress
 
 __all__ = [
@@ -281,6 +282,11 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         terminal.finish()
     if result.detached:
         _print_detached(result.job_id, args, cluster.nodes)
+    elif len(result.memberships) > 1:  # restarted: how it got there, as a failure shows it
+        tries = len(result.memberships)
+        lines = [f"rankd: job {result.job_id} succeeded after {tries} attempts:"]
+        lines += [f"rankd: {line}" for line in format_history(result.memberships)]
+        print("\n".join(lines), file=sys.stderr, flush=True)
     return EXIT_OK
 
 

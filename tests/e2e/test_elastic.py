@@ -164,6 +164,13 @@ def test_spare_replaces_a_lost_node(tmp_path: Path) -> None:
         assert sorted(launch.done()) == [
             f"[default{r}]:rank {r} done world 3 attempt 1" for r in range(3)
         ]
+        # the end says how it got there: each attempt with its members and outcome
+        end = launch.stderr.index("rankd: job spare succeeded after 2 attempts:")
+        summary = launch.stderr[end:]
+        assert summary[1].startswith("rankd:   attempt 0: world size 3 on ")
+        assert f"failed: node {nodes[1].address} lost: " in summary[1]
+        assert summary[2].startswith("rankd:   attempt 1: world size 3 on ")
+        assert summary[2].endswith(": succeeded") and nodes[3].address in summary[2]
         steps = steps_of(launch.stdout, 1)
         assert steps and steps[0] <= 6 and steps[-1] == STEPS - 1  # resumed, not restarted
         second = envs_of(launch.stdout, 1)
