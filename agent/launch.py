@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rankd.agent import logdir, procs, resources, spares
+from rankd.agent import logdir, procs, resources, spares, stacks
 from rankd.agent.binding import plan_binding
 from rankd.agent.errors import AlreadyExists, FailedPrecondition, LimitExceeded, SpecError
 from rankd.agent.follow import LogWatcher
@@ -316,7 +316,7 @@ def _spawn(plan: RankPlan) -> Rank:
     """Start one rank with its pidfd open; if the pidfd cannot be had (no descriptor
     left), the rank is killed and reaped, and the OSError raised."""
     pid = procs.spawn(
-        plan.argv,
+        stacks.traceable(plan.argv),  # under Yama scope 1, names the agent its tracer
         env=plan.env,
         cwd=plan.cwd,
         stdout_path=plan.stdout_path,

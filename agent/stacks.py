@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ __all__ = [
     "StackTarget",
     "ThreadStack",
     "find_sampler",
+    "traceable",
 ]
 
 INSTALL_HINT = "pip install 'rankd[stacks]' (py-spy) where the agent runs"
@@ -212,7 +214,7 @@ class Sampler:
         if proc.returncode != 0:
             return None, _explain(pid, err_out.decode(errors="replace"))
         try:
-            return _parse(out[:_MAX_OUTPUT]), ""
+            return _parse(out[:_MAX_OUTPUT], pid), ""
         except (ValueError, KeyError, TypeError) as bad:
             return None, f"the stack sampler's answer could not be read: {bad}"
 
@@ -258,6 +260,13 @@ def ptrace_scope() -> int:
 
 def _ptrace_fix() -> str:
     scope = ptrace_scope()
+    if scope == 1:
+        return (
+            "kernel.yama.ptrace_scope is 1 and the rank does not let this agent trace it "
+            "(started by an earlier agent, a wrapper's child, or undumpable); "
+            "run the agent with CAP_SYS_PTRACE (systemd: AmbientCapabilities=CAP_SYS_PTRACE; "
+            "Kubernetes: securityContext.capabilities.add: [SYS_PTRACE])"
+        )
     if scope >= 2:
         return (
             f"kernel.yama.ptrace_scope is {scope}, which allows only CAP_SYS_PTRACE "
@@ -273,17 +282,62 @@ def _ptrace_fix() -> str:
     )
 
 
-def _parse(raw: bytes) -> list[ThreadStack]:
+# Yama (kernel.yama.ptrace_scope=1) lets a process be traced only by its ancestors, or by
+# a process it names (PR_SET_PTRACER) and that process's descendants. py-spy runs as the
+# agent's child, not as an ancestor of the ranks, so under scope 1 each rank names the
+# agent first: a short step of the agent's Python in the rank's own process (same pid),
+# which then execs the rank's command. posix_spawn has no hook to do it before exec.
+_PR_SET_PTRACER = 0x59616D61
+_CAP_SYS_PTRACE = 19
+_PTRACER_STEP = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL(None).prctl({_PR_SET_PTRACER}, int(sys.argv[1]), 0, 0, 0)\n"
+    "try:\n"
+    "    os.execv(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as err:\n"
+    "    sys.exit(f'rankd: cannot run {sys.argv[2]}: {err.strerror}')\n"
+)
+
+
+def traceable(
+    argv: list[str], *, scope: int | None = None, can_ptrace: bool | None = None
+) -> list[str]:
+    """The argv to spawn a rank with (argv[0] absolute) so that this agent's samplers
+    may read it: `argv` itself, unless Yama's ptrace_scope is 1 and the agent lacks
+    CAP_SYS_PTRACE (`scope`, `can_ptrace`: as found on this host when None); then the
+    PR_SET_PTRACER step above, which names this process and execs `argv` in place."""
+    if (ptrace_scope() if scope is None else scope) != 1:
+        return argv
+    if _can_ptrace() if can_ptrace is None else can_ptrace:
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _PTRACER_STEP, str(os.getpid()), *argv]
+
+
+@functools.cache
+def _can_ptrace() -> bool:
+    """Whether this process has CAP_SYS_PTRACE in its effective set."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            caps = next(ln for ln in f if ln.startswith("CapEff:")).split()[1]
+        return bool(int(caps, 16) >> _CAP_SYS_PTRACE & 1)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return False
+
+
+def _parse(raw: bytes, pid: int) -> list[ThreadStack]:
+    """py-spy's JSON as threads. py-spy names a thread only once the program has imported
+    `threading`; the one whose OS thread id is the pid is the main thread."""
     threads = []
     for item in json.loads(raw):
+        thread_id = int(item.get("os_thread_id") or item.get("thread_id") or 0)
         frames = tuple(
             Frame(str(f["name"]), str(f["filename"]), int(f.get("line") or 0))
             for f in reversed(item["frames"])  # py-spy gives the innermost first
         )
         threads.append(
             ThreadStack(
-                name=str(item.get("thread_name") or ""),
-                thread_id=int(item.get("os_thread_id") or item.get("thread_id") or 0),
+                name=str(item.get("thread_name") or ("MainThread" if thread_id == pid else "")),
+                thread_id=thread_id,
                 active=bool(item.get("active")),
                 owns_gil=bool(item.get("owns_gil")),
                 frames=frames,
