@@ -40,7 +40,7 @@ from rankd.agent.guardian import GuardianError
 from rankd.agent.logs import STDERR, STDOUT, Chunk, LogReader, Notice
 from rankd.agent.metrics import StreamStats
 from rankd.agent.model import Attempt
-from rankd.agent.specs import check_filters, check_requester, parse_signal, validate_job_id
+from rankd.agent.specs import check_counts, check_requester, parse_signal, validate_job_id
 from rankd.agent.stacks import Sampler, StackTarget, find_sampler
 from rankd.agent.supervisor import Supervisor
 from rankd.agent.topology import agent_source
@@ -130,9 +130,8 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     ) -> pb.StartResponse:
         if not request.HasField("spec"):
             raise SpecError("StartRequest.spec is missing")
-        # before 200,000 of them are copied out of the message
-        check_filters("duplicate_stdout_filters", request.spec.duplicate_stdout_filters)
-        check_filters("duplicate_stderr_filters", request.spec.duplicate_stderr_filters)
+        # before a million entries are copied out of the message
+        check_counts(request.spec, self._sup.limits)
         job, created = await self._sup.start(spec_from_pb(request.spec))
         return pb.StartResponse(job=job_status(job), created=created, agent_time=time.time())
 

@@ -30,6 +30,7 @@ __all__ = [
     "JobSpec",
     "Limits",
     "Std",
+    "check_counts",
     "check_filters",
     "check_requester",
     "parse_signal",
@@ -330,6 +331,26 @@ class JobSpec:
 
     def same_job_as(self, other: JobSpec) -> bool:
         return _comparable(self) == _comparable(other)
+
+
+def check_counts(msg: Any, limits: Limits) -> None:
+    """Raises SpecError when the JobSpec message `msg` holds more entries in a repeated
+    field or map than any valid spec may, before any is copied out of it: a request
+    within the receive limit holds up to a million of them, and copying them (as
+    `JobSpec.validate` then would) held the event loop for 100-200 ms. `len` of a
+    repeated field or a map costs nothing; the other checks are `validate`'s."""
+    check_filters("duplicate_stdout_filters", msg.duplicate_stdout_filters)
+    check_filters("duplicate_stderr_filters", msg.duplicate_stderr_filters)
+    for what in ("rank_args", "rank_env", "local_ranks_filter"):
+        count = len(getattr(msg, what))
+        if count > limits.max_nprocs:
+            raise SpecError(f"{what}: {count} entries, over the limit of {limits.max_nprocs} ranks")
+    args = len(msg.args) + sum(len(a.args) for a in msg.rank_args.values())
+    if args > limits.max_args:
+        raise SpecError(f"too many arguments ({args} > {limits.max_args})")
+    env = len(msg.env) + len(msg.default_env) + sum(len(e.env) for e in msg.rank_env.values())
+    if env > limits.max_env_vars:
+        raise SpecError(f"too many environment variables ({env} > {limits.max_env_vars})")
 
 
 def check_filters(what: str, needles: Sequence[str]) -> None:

@@ -54,6 +54,7 @@ hostile = st.sampled_from(
         "a..b",
         "CON",
         "%s%s%n",
+        ".spare-0123abcd",
     ]
 )
 some_text = st.one_of(hostile, text)

@@ -2,7 +2,8 @@
 change is refused at startup, with the fix; everything the agent makes in it is 0700
 (directories) or 0600 (files), whatever the umask; the output files are never reached
 through a symbolic link nor waited on as a FIFO. And the ranks never see the service
-manager's variables meant for the agent (CREDENTIALS_DIRECTORY, finding 7)."""
+manager's variables meant for the agent (CREDENTIALS_DIRECTORY, finding 7), nor a
+RANKD_* variable but the guardian's marker RANKD_ATTEMPT (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -158,6 +159,9 @@ def _start(agent: Agent, job_id: str, script: str, nprocs: int, restart: int = 0
         args=[script],
         tee="3",
         restart_count=restart,
+        # the mirrors' filtered_stdout.log and filtered_stderr.log are made too
+        duplicate_stdout_filters=["out"],
+        duplicate_stderr_filters=["err"],
     )
     agent.stub.Start(pb.StartRequest(spec=spec), timeout=20)
     _succeeded(agent, job_id, restart)
@@ -200,10 +204,12 @@ def test_everything_the_agent_makes_is_0700_or_0600(tmp_path: Path, permissive_u
         agent.stop()
     assert bad == []
     # 2 made + 3 run dirs (one a spare) + 4 attempts + 2+2+3+3 rank dirs;
-    # 3 job.json + 2*(2+2+3+3) logs
-    assert seen == {"dirs": 2 + 3 + 4 + 10, "files": 3 + 20}, seen
-    out = next(log_dir.glob("first_*")) / "attempt_1" / "2" / "stdout.log"
-    assert out.read_text() == "out line\n"
+    # 3 job.json + 2*(2+2+3+3) logs + 2 filtered logs in each of the 3 started attempts
+    assert seen == {"dirs": 2 + 3 + 4 + 10, "files": 3 + 20 + 2 * 3}, seen
+    attempt = next(log_dir.glob("first_*")) / "attempt_1"
+    assert (attempt / "2" / "stdout.log").read_text() == "out line\n"
+    filtered = (attempt / "filtered_stderr.log").read_text().splitlines()
+    assert sorted(filtered) == [f"[default{r}]:err line" for r in range(3)]
 
 
 async def test_run_dirs_of_earlier_agents_are_made_private(tmp_path: Path) -> None:
@@ -252,7 +258,7 @@ async def test_a_planted_output_file_is_refused_not_followed(tmp_path: Path, pla
 def test_ranks_never_see_the_agents_service_manager_variables(tmp_path: Path) -> None:
     script = tmp_path / "env.py"
     script.write_text(PRINT_ENV)
-    env = {**os.environ, **AGENT_ONLY, "PASSED_ON": "yes"}
+    env = {**os.environ, **AGENT_ONLY, "PASSED_ON": "yes", "RANKD_SOMETHING": "the agent's"}
     agent = Agent.adopt(start_local_agent(tmp_path / "logs", env=env))
     try:
         spec = pb.JobSpec(
@@ -271,3 +277,6 @@ def test_ranks_never_see_the_agents_service_manager_variables(tmp_path: Path) ->
     assert seen["PASSED_ON"] == "yes"
     assert seen["NOTIFY_SOCKET"] == "/the/job/asked/for/it"
     assert sorted(set(AGENT_ONLY) & set(seen)) == ["NOTIFY_SOCKET"]
+    # one rankd variable, as docs/security.md says: the guardian's marker of the attempt
+    assert [k for k in seen if k.startswith("RANKD_")] == ["RANKD_ATTEMPT"]
+    assert seen["RANKD_ATTEMPT"].endswith("/env/0"), seen["RANKD_ATTEMPT"]

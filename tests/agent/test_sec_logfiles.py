@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import statistics
 import subprocess
 import threading
 import time
@@ -119,6 +118,7 @@ def _health_latencies(agent: Agent, count: int = 5) -> list[float]:
         answer = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         took.append(time.monotonic() - start)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    print("health answered in", ", ".join(f"{t * 1000:.1f} ms" for t in took))  # (pytest -rP)
     return took
 
 
@@ -167,7 +167,7 @@ def test_planted_fifo_and_links_neither_hang_the_agent_nor_leak(
             assert notices[(0, 1)].prefix == "[default0]:"
 
         # the agent stays live: health within 100 ms, another client's Poll answers
-        assert statistics.median(_health_latencies(agent)) < 0.1
+        assert max(_health_latencies(agent)) < 0.1
         with grpc.insecure_channel(agent.address) as other:
             status = _poll(agent, "planted", other)
         assert status.state == pb.RUNNING
@@ -231,7 +231,7 @@ def test_error_files_that_are_fifos_or_links_are_said_never_read(tmp_path: Path)
         assert "error.json is a symbolic link, not a regular file" in link.error_file_problem
         assert link.message == f"Process {link.pid} exited with code 1"
         assert link.error_file == fifo.error_file == "<N/A>"
-        assert statistics.median(_health_latencies(agent)) < 0.1
+        assert max(_health_latencies(agent)) < 0.1
     finally:
         agent.stop()
 

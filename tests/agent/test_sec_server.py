@@ -122,6 +122,7 @@ def test_a_flood_of_unauthenticated_15_mib_starts_leaves_rss_bounded(token_agent
             channel.close()
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 40
     after = _rss(token_agent.pid)
+    print(f"RSS {baseline / MiB:.0f} MiB, peak {peak / MiB:.0f}, after {after / MiB:.0f}")
     assert peak - baseline < FLOOD_RSS_BOUND, (baseline, peak)
     assert after - baseline < FLOOD_RSS_BOUND, (baseline, after)
     assert not list(token_agent.log_dir.glob("flood*"))  # nothing was started
@@ -275,6 +276,36 @@ def test_streams_per_connection_and_connections_are_capped_flags(tmp_path: Path)
     )
     assert bad.returncode == 2
     assert "argument --max-connections: must be a whole number >= 1, not '0'" in bad.stderr
+
+
+def test_calls_past_the_streams_per_connection_cap_wait_for_a_free_place(tmp_path: Path) -> None:
+    """--max-streams-per-connection 2: two follow Streams hold both places on one
+    connection; a third call on it waits, while another connection is answered, and goes
+    through once a Stream ends."""
+    agent = _agent(tmp_path, "--max-streams-per-connection", "2")
+    try:
+        talk = "import time; print('up', flush=True); time.sleep(60)"
+        spec = pb.JobSpec(job_id="long", nprocs=1, entrypoint=sys.executable, args=["-c", talk])
+        agent.stub.Start(pb.StartRequest(spec=spec), metadata=AUTH, timeout=30)
+        poll = pb.PollRequest(job_id="long")
+        # a connection of its own, not the one agent.stub shares through the subchannel pool
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(agent.address, options=options) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            stub.Poll(poll, metadata=AUTH, timeout=10)  # connected
+            follow = pb.StreamRequest(job_id="long", follow=True)
+            streams = [stub.Stream(follow, metadata=AUTH, timeout=60) for _ in range(2)]
+            for stream in streams:  # each is open on the agent: it sent the line
+                assert [ln.text for ln in next(stream).lines] == ["up"]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Poll(poll, metadata=AUTH, timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert agent.stub.Poll(poll, metadata=AUTH, timeout=5).job.state == pb.RUNNING
+            streams[0].cancel()
+            assert stub.Poll(poll, metadata=AUTH, timeout=10).job.state == pb.RUNNING
+            streams[1].cancel()
+    finally:
+        agent.stop()
 
 
 # -- finding 7: unknown methods, health ------------------------------------------------------

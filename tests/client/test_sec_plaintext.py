@@ -398,7 +398,7 @@ def test_tls_settings_come_from_the_environment(
     assert len(fake.tokens) == 1
 
 
-@pytest.mark.parametrize("command", ["launch", "status", "logs", "kill"])
+@pytest.mark.parametrize("command", ["launch", "status", "logs", "kill", "stacks"])
 def test_help_names_the_tls_variables_and_insecure(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
