@@ -9,12 +9,13 @@ traceback (`logger.exception`) still follows on lines of its own: it is the agen
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "escape"]
+__all__ = ["GoneClientFilter", "JsonFormatter", "TextFormatter", "configure_logging", "escape"]
 
 # Set through `extra=` by the supervisor: the job and rank a record is about.
 _FIELDS = ("job_id", "restart_count", "local_rank", "pid")
@@ -68,6 +69,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+class GoneClientFilter(logging.Filter):
+    """gRPC's own ERROR records with a traceback for what is routine for an agent: a
+    client that went away while a stream wrote to it (`rankd logs -f` and Ctrl-C; core
+    then fails the write, "ExecuteBatchError raised in core by servicer method"), and a
+    stream handler cancelled because the agent is stopping. Each becomes one DEBUG line
+    without the traceback (dropped unless the agent logs at DEBUG); every other record
+    of gRPC passes as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core by servicer method"):
+            what = "a client went away while " + message.rsplit(" ", 1)[-1] + " wrote to it"
+        elif isinstance(error, asyncio.CancelledError):
+            what = "a call was cancelled: " + message
+        else:
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = what, None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -77,3 +103,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    grpc_core = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, GoneClientFilter) for f in grpc_core.filters):
+        grpc_core.addFilter(GoneClientFilter())

@@ -248,8 +248,18 @@ async def _serve(args: argparse.Namespace) -> int:
     await agent.stop(timeout=args.shutdown_timeout)
     if health_server is not None:
         await health_server.stop(grace=STOP_GRACE)
+    await _let_calls_finish()
     logger.info("stopped on %s", _name(stopper.signal))
     return stopper.signal
+
+
+async def _let_calls_finish(timeout: float = 1.0) -> None:
+    """Give gRPC's own tasks for the calls the stopped servers cancelled (a stream still
+    filtering, say) up to `timeout` s to end: cancelled by the loop's close instead, each
+    prints a bare CancelledError traceback from gRPC's code."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=timeout)
 
 
 def _name(sig: int) -> str:
