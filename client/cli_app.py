@@ -283,8 +283,7 @@ def _cmd_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if result.detached:
         _print_detached(result.job_id, args, cluster.nodes)
     elif len(result.memberships) > 1:  # restarted: how it got there, as a failure shows it
-        tries = len(result.memberships)
-        lines = [f"rankd: job {result.job_id} succeeded after {tries} attempts:"]
+        lines = [f"rankd: the attempts of job {result.job_id}:"]
         lines += [f"rankd: {line}" for line in format_history(result.memberships)]
         print("\n".join(lines), file=sys.stderr, flush=True)
     return EXIT_OK
