@@ -238,8 +238,10 @@ def reported(status: pb.JobStatus) -> list[set[int]]:
 
 @pytest.fixture
 def info_agent(tmp_path: Path) -> Iterator[Agent]:
-    """An agent on this machine that logs at INFO (its attempts' log lines)."""
-    handle = Agent.adopt(start_local_agent(tmp_path / "agent-logs", log_level="INFO"))
+    """An agent on this machine that logs at INFO (its attempts' log lines), kept in
+    `stderr_lines` and not echoed (they are not a failure's output)."""
+    logs = tmp_path / "agent-logs"
+    handle = Agent.adopt(start_local_agent(logs, log_level="INFO", echo_stderr=False))
     try:
         yield handle
     finally:
