@@ -9,7 +9,6 @@ traceback (`logger.exception`) still follows on lines of its own: it is the agen
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -70,22 +69,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class GoneClientFilter(logging.Filter):
-    """gRPC's own ERROR records with a traceback for what is routine for an agent: a
+    """gRPC's own ERROR record with a traceback for what is routine for an agent: a
     client that went away while a stream wrote to it (`rankd logs -f` and Ctrl-C; core
-    then fails the write, "ExecuteBatchError raised in core by servicer method"), and a
-    stream handler cancelled because the agent is stopping. Each becomes one DEBUG line
-    without the traceback (dropped unless the agent logs at DEBUG); every other record
-    of gRPC passes as it is."""
+    then fails the write, "ExecuteBatchError raised in core by servicer method"). It
+    becomes one DEBUG line without the traceback (dropped unless the agent logs at
+    DEBUG); every other record of gRPC passes as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
-        if message.startswith("ExecuteBatchError raised in core by servicer method"):
-            what = "a client went away while " + message.rsplit(" ", 1)[-1] + " wrote to it"
-        elif isinstance(error, asyncio.CancelledError):
-            what = "a call was cancelled: " + message
-        else:
+        if not message.startswith("ExecuteBatchError raised in core by servicer method"):
             return True
+        what = "a client went away while " + message.rsplit(" ", 1)[-1] + " wrote to it"
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
             return False
         record.msg, record.args = what, None
